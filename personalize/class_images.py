@@ -1,0 +1,100 @@
+"""Class images for DreamBooth's prior-preservation loss, generated once and shared through a cache.
+
+The cache folder is named by a hash of everything that decides what the images look like (model and
+revision, prompt, negative prompt, sampler, steps, guidance, resolution, seed). Image i is always drawn
+from seed + i, so it does not depend on the batch size or on how many images were asked for: a request
+for 200 reuses the 100 a smaller run made and generates only the rest, and a run killed half-way resumes
+where it stopped. Each image is written to a temporary name and renamed, so no half-written PNG is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from personalize.errors import PersonalizeError
+from personalize.io import atomic_save_image, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassImageSpec:
+    model: str  # resolved hub id or folder of the base model
+    revision: str | None
+    prompt: str
+    negative_prompt: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    resolution: int
+    seed: int
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def folder(self, cache_root: Path) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:48]
+        return Path(cache_root) / f"{slug}-{self.key()}"
+
+
+def image_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:05d}.png"
+
+
+def missing_indices(folder: Path, count: int) -> list[int]:
+    return [i for i in range(count) if not image_path(folder, i).exists()]
+
+
+def ensure_class_images(spec: ClassImageSpec, count: int, cache_root: Path, make_pipeline, batch_size: int = 4,
+                        device: str | torch.device = "cpu") -> list[Path]:
+    """Paths of `count` class images for `spec`, generating only those not cached yet.
+
+    `make_pipeline()` returns the frozen base pipeline; it is called only if something must be generated.
+    """
+    if count <= 0:
+        raise PersonalizeError(f"class_images.count is {count}: prior preservation needs at least 1 class image")
+    folder = spec.folder(cache_root)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_file = folder / "spec.json"
+    if not spec_file.exists():
+        atomic_write_json(spec_file, asdict(spec))
+    todo = missing_indices(folder, count)
+    if todo:
+        log.info("generating %d of %d class images for '%s' into %s", len(todo), count, spec.prompt, folder)
+        pipe = make_pipeline()
+        _generate(pipe, spec, folder, todo, batch_size, device)
+    else:
+        log.info("reusing %d cached class images for '%s' from %s", count, spec.prompt, folder)
+    return [image_path(folder, i) for i in range(count)]
+
+
+@torch.no_grad()
+def _generate(pipe, spec: ClassImageSpec, folder: Path, indices: list[int], batch_size: int, device) -> None:
+    from personalize.models import make_sampler
+
+    make_sampler(pipe, spec.sampler)
+    pipe.to(device)
+    bar = tqdm(total=len(indices), desc="class images", unit="img")
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        # one generator per image: image i is the same whatever the batch it lands in
+        generators = [torch.Generator("cpu").manual_seed(spec.seed + i) for i in chunk]
+        images = pipe(
+            [spec.prompt] * len(chunk), negative_prompt=[spec.negative_prompt] * len(chunk) if spec.negative_prompt else None,
+            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+            height=spec.resolution, width=spec.resolution, generator=generators,
+        ).images
+        for i, image in zip(chunk, images):
+            atomic_save_image(image, image_path(folder, i))
+        bar.update(len(chunk))
+    bar.close()
+

@@ -1,0 +1,113 @@
+"""Subjects and their photos: find, validate, normalise and crop them for training.
+
+Photos come as users have them: EXIF-rotated, grayscale, RGBA, palette, CMYK or 16-bit, some too small,
+some not images at all. All are turned into RGB squares here, once, so the rest of the code sees one
+format; what cannot be used is skipped with a warning or is a one-line error naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from personalize.errors import PersonalizeError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+KINDS = ("live", "object")
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str  # "dog", "stuffed animal"
+    kind: str  # "live" or "object": picks the DreamBooth prompt list
+    data_dir: Path
+    init_word: str  # a one-token noun that initialises a noun placeholder (textual inversion)
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Subject":
+        if cfg.kind not in KINDS:
+            raise PersonalizeError(f"subject '{cfg.name}' has kind '{cfg.kind}': use one of {', '.join(KINDS)}")
+        return cls(
+            name=str(cfg.name), class_noun=str(cfg.class_noun), kind=str(cfg.kind),
+            data_dir=Path(str(cfg.data_dir)).expanduser(),
+            init_word=str(cfg.get("init_word") or str(cfg.class_noun).split()[-1]),
+        )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a subject folder, sorted; other files are skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PersonalizeError(
+            f"subject folder '{folder}' does not exist: set subject.data_dir (or DREAMBOOTH_DIR for the "
+            "30 DreamBooth subjects) to a folder of photos"
+        )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for other in sorted(set(files) - set(images)):
+        log.warning("skipping '%s': not an image file (%s)", other, ", ".join(sorted(IMAGE_SUFFIXES)))
+    if not images:
+        raise PersonalizeError(f"subject folder '{folder}' has no images: put 3-6 photos of the subject there")
+    return images
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open any common photo as an upright 8-bit RGB image, or fail naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # force decoding now so a truncated file fails here, not mid-training
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: scale to 8 bits by the value range instead of clipping at 255
+                array = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if array.max() > 255 else 255.0
+                img = Image.fromarray((array / peak * 255.0).round().astype(np.uint8))
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # flatten transparency onto white: what a viewer shows, and no black halos
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise PersonalizeError(
+            f"cannot read image '{path}' ({error}): the file is corrupt or truncated; re-export it or remove it"
+        ) from error
+
+
+def center_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution` and crop the centre square (the DreamBooth preprocessing)."""
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None if side < 4 * resolution else 3.0)
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1], the VAE's input range."""
+    array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return array.float().div(127.5).sub(1.0)
+
+
+def load_subject_images(folder: Path, resolution: int) -> torch.Tensor:
+    """All photos of a subject as a [N, 3, R, R] tensor in [-1, 1]."""
+    tensors = []
+    for path in list_images(folder):
+        img = open_rgb(path)
+        if min(img.size) < resolution:
+            log.warning(
+                "'%s' is %dx%d, smaller than the training resolution %d: it will be upscaled and look soft",
+                path, *img.size, resolution,
+            )
+        tensors.append(to_tensor(center_crop_resize(img, resolution)))
+    return torch.stack(tensors)

@@ -1,0 +1,322 @@
+"""One LightningModule for every method: the noise-prediction loss of latent diffusion, run stage by stage.
+
+Nothing that can be hoisted out of the step runs in it:
+- subject (and class) photos are VAE-encoded once; the step samples from the cached latent
+  distribution (mean + std * noise), which is what encoding every step would give, at no cost;
+- prompt embeddings are computed once per stage whenever nothing in the text encoder trains;
+- frozen components never get gradients (requires_grad off, so autograd does not even record them).
+
+Manual optimisation: each stage has its own optimizer over only what it trains, and the stage is a
+pure function of the global step, so a resumed run lands in the right stage with the right optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from personalize.checkpoints import EMBEDS_FILE, INFO_FILE
+from personalize.errors import PersonalizeError
+from personalize.io import atomic_dir, atomic_write_json
+from personalize.methods.stages import Stage, parse_stages, stage_at
+from personalize.methods.token import NewTokenEmbedding, add_placeholder_token
+from personalize.models import SDComponents
+
+log = logging.getLogger(__name__)
+
+
+class StepIndices(Dataset):
+    """Item i = (instance image index, class image index): the data of one example of one step.
+
+    The photos themselves are cached latents inside the module; the loader only decides which ones a
+    step sees, so shuffling, seeding and the DDP split are Lightning's usual machinery.
+    """
+
+    def __init__(self, length: int, num_instance: int, num_class: int):
+        self.length, self.num_instance, self.num_class = length, num_instance, max(num_class, 1)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return i % self.num_instance, i % self.num_class
+
+
+class Personalizer(L.LightningModule):
+    def __init__(self, components: SDComponents, method_cfg, prompts: dict, instance_images: torch.Tensor,
+                 class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.method_cfg = method_cfg
+        self.hardware_cfg = hardware_cfg or {}
+        self.stages: list[Stage] = parse_stages(method_cfg.stages)
+        self.trains = {t for stage in self.stages for t in stage.train}
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.unet = components.unet
+        self.noise_scheduler = components.noise_scheduler
+        self.instance_prompt = prompts["instance"]
+        self.class_prompt = prompts.get("class")
+        self.identifier = prompts["identifier"]
+        self.checkpoint_info = checkpoint_info or {}
+        self.batch_size = int(method_cfg.batch_size)
+        self._images = {"instance": instance_images, "class": class_images}
+        self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompt_embeds: dict[str, torch.Tensor] = {}
+        self._current_stage: Stage | None = None
+
+        if any(s.prior_loss_weight > 0 for s in self.stages) and class_images is None:
+            raise PersonalizeError("a stage has prior_loss_weight > 0 but no class images were given")
+
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.requires_grad_(False)
+        self.token_embedding: NewTokenEmbedding | None = None
+        if method_cfg.get("new_token"):
+            self.token_embedding = add_placeholder_token(
+                self.tokenizer, self.text_encoder, self.identifier, str(method_cfg.new_token.initializer)
+            )
+            self.token_embedding.base.requires_grad_(False)
+        elif "token" in self.trains:
+            raise PersonalizeError("a stage trains 'token' but method.new_token is not set: give the placeholder's initializer")
+        if "lora" in self.trains:
+            self._add_lora(method_cfg.lora)
+        if self.hardware_cfg.get("gradient_checkpointing"):
+            if self.trains & {"unet", "lora"}:
+                self.unet.enable_gradient_checkpointing()
+            if self.trains & {"text_encoder", "token"}:
+                self.text_encoder.gradient_checkpointing_enable()
+
+    # ---------------------------------------------------------------- setup
+    def _add_lora(self, lora_cfg) -> None:
+        from peft import LoraConfig
+
+        self.unet.add_adapter(LoraConfig(
+            r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+            init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules),
+        ))
+        for name, param in self.unet.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
+
+    def on_fit_start(self) -> None:
+        self.cache_latents()
+
+    @torch.no_grad()
+    def cache_latents(self) -> None:
+        """VAE-encode the photos once: mean and std of each latent distribution, flips included."""
+        flip = bool(self.method_cfg.get("flip", False))
+        for name, images in self._images.items():
+            if images is None:
+                continue
+            if flip:
+                images = torch.cat([images, images.flip(-1)])
+            means, stds = [], []
+            for chunk in images.split(8):
+                dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+            scale = self.vae.config.scaling_factor
+            self._latents[name] = (torch.cat(means) * scale, torch.cat(stds) * scale)
+
+    def train_dataloader(self) -> DataLoader:
+        total_steps = self.stages[-1].end
+        flip = 2 if self.method_cfg.get("flip", False) else 1
+        num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
+        dataset = StepIndices(total_steps * self.batch_size, len(self._images["instance"]) * flip, num_class)
+        generator = torch.Generator().manual_seed(int(self.method_cfg.get("data_seed", 0)))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True)
+
+    def configure_optimizers(self):
+        return [self._make_optimizer(stage) for stage in self.stages]
+
+    def _trainable_params(self, stage: Stage) -> list[torch.nn.Parameter]:
+        params: dict[int, torch.nn.Parameter] = {}
+        if "token" in stage.train:
+            params[id(self.token_embedding.new_rows)] = self.token_embedding.new_rows
+        if "unet" in stage.train:
+            params.update((id(p), p) for n, p in self.unet.named_parameters() if "lora_" not in n)
+        if "lora" in stage.train:
+            params.update((id(p), p) for n, p in self.unet.named_parameters() if "lora_" in n)
+        if "text_encoder" in stage.train:
+            params.update((id(p), p) for p in self.text_encoder.parameters())
+        return list(params.values())
+
+    def _make_optimizer(self, stage: Stage):
+        opt = self.method_cfg.optimizer
+        params = self._trainable_params(stage)
+        kwargs = dict(lr=stage.lr, betas=tuple(opt.betas), weight_decay=float(opt.weight_decay), eps=float(opt.eps))
+        if self.hardware_cfg.get("optimizer") == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, **kwargs)
+            except ImportError:
+                log.warning("hardware.optimizer=adamw8bit but bitsandbytes is not installed: using torch AdamW")
+        return torch.optim.AdamW(params, **kwargs)
+
+    # ---------------------------------------------------------------- stages
+    def _enter_stage(self, stage: Stage) -> None:
+        """Switch what trains; freeze everything else and hoist what the frozen parts compute."""
+        log.info("stage '%s': training %s for %d steps at lr %g", stage.name, "+".join(stage.train), stage.steps, stage.lr)
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for param in self._trainable_params(stage):
+            param.requires_grad_(True)
+        self._current_stage = stage
+        self._prompt_embeds.clear()
+        if not self._text_trains(stage):
+            with torch.no_grad():
+                self._prompt_embeds["instance"] = self._encode_prompt(self.instance_prompt)
+                if self.class_prompt is not None and stage.prior_loss_weight > 0:
+                    self._prompt_embeds["class"] = self._encode_prompt(self.class_prompt)
+
+    @staticmethod
+    def _text_trains(stage: Stage) -> bool:
+        return bool({"token", "text_encoder"} & set(stage.train))
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def _prompt_batch(self, name: str, prompt: str, n: int) -> torch.Tensor:
+        embeds = self._prompt_embeds.get(name)
+        if embeds is None:  # the text encoder (or the token) trains: encode with gradients, every step
+            embeds = self._encode_prompt(prompt)
+        return embeds.expand(n, -1, -1)
+
+    def _sample_latents(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latents[name]
+        mean, std = mean[index], std[index]
+        return mean + std * torch.randn_like(mean)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        stage = stage_at(self.stages, self.global_step)
+        if stage is not self._current_stage:
+            self._enter_stage(stage)
+        instance_idx, class_idx = batch
+        latents = self._sample_latents("instance", instance_idx)
+        embeds = self._prompt_batch("instance", self.instance_prompt, len(latents))
+        n_instance = len(latents)
+        if stage.prior_loss_weight > 0:
+            latents = torch.cat([latents, self._sample_latents("class", class_idx)])
+            embeds = torch.cat([embeds, self._prompt_batch("class", self.class_prompt, len(class_idx))])
+
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+        pred, target = self._predict(latents, noise, timesteps, embeds)
+
+        instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
+        loss = instance_loss
+        if stage.prior_loss_weight > 0:
+            prior_loss = F.mse_loss(pred[n_instance:], target[n_instance:])
+            loss = instance_loss + stage.prior_loss_weight * prior_loss
+            self.log("train/prior_loss", prior_loss, on_step=True, batch_size=n_instance)
+
+        optimizer = self.optimizers()[self.stages.index(stage)] if len(self.stages) > 1 else self.optimizers()
+        self._set_lr(optimizer, stage)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        max_norm = float(self.method_cfg.optimizer.get("max_grad_norm") or 0)
+        if max_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_instance)
+        self.log("train/instance_loss", instance_loss, on_step=True, batch_size=n_instance)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=n_instance)
+        self.log("train/stage", float(self.stages.index(stage)), on_step=True, batch_size=n_instance)
+        return loss
+
+    def _predict(self, latents, noise, timesteps, embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction for noised latents, and what it should have predicted."""
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768 models
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample.float()
+        return pred, target
+
+    @torch.no_grad()
+    def fixed_loss(self, seed: int = 0, timesteps: tuple[int, ...] = (50, 250, 450, 650, 850)) -> float:
+        """Instance loss on fixed noise and timesteps over every photo: a noise-free measure of fit."""
+        if not self._latents:
+            self.cache_latents()
+        latents = self._latents["instance"][0]
+        generator = torch.Generator().manual_seed(seed)
+        embeds = self._encode_prompt(self.instance_prompt).expand(len(latents), -1, -1)
+        losses = []
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            pred, target = self._predict(latents, noise, torch.full((len(latents),), t, device=self.device), embeds)
+            losses.append(F.mse_loss(pred, target))
+        return float(torch.stack(losses).mean())
+
+    def _set_lr(self, optimizer, stage: Stage) -> None:
+        """Constant lr after a linear warm-up, per stage."""
+        stage_step = self.global_step - stage.start
+        factor = min(1.0, (stage_step + 1) / stage.lr_warmup_steps) if stage.lr_warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * factor
+
+    # ---------------------------------------------------------------- artifacts
+    def trained_until(self, step: int) -> set[str]:
+        """What has trained in the stages begun before global step `step`."""
+        return {t for s in self.stages if s.start < step for t in s.train}
+
+    @torch.no_grad()
+    def save_artifacts(self, ckpt_dir: Path, step: int) -> Path:
+        """Write what trained up to `step` in stock diffusers formats, atomically."""
+        from safetensors.torch import save_file
+
+        trained = self.trained_until(step)
+        stage = stage_at(self.stages, step - 1)
+        contents = []
+        with atomic_dir(ckpt_dir) as tmp:
+            if self.token_embedding is not None:
+                vector = self.token_embedding.new_rows[0].detach().float().cpu().contiguous()
+                save_file({self.identifier: vector}, tmp / EMBEDS_FILE)
+                contents.append(EMBEDS_FILE)
+            if "unet" in trained:
+                self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                contents.append("unet")
+            if "lora" in trained:
+                self._save_lora(tmp)
+                contents.append("pytorch_lora_weights.safetensors")
+            if "text_encoder" in trained:
+                self._save_text_encoder(tmp / "text_encoder")
+                contents.append("text_encoder")
+            info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
+                        identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
+            atomic_write_json(tmp / INFO_FILE, info)
+        return ckpt_dir
+
+    def _save_lora(self, folder: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+    def _save_text_encoder(self, folder: Path) -> None:
+        wrapped = self.text_encoder.get_input_embeddings()
+        if isinstance(wrapped, NewTokenEmbedding):
+            self.text_encoder.set_input_embeddings(wrapped.merged())
+        try:
+            self.text_encoder.save_pretrained(folder, safe_serialization=True)
+        finally:
+            self.text_encoder.set_input_embeddings(wrapped)
+
+    def total_steps(self) -> int:
+        return self.stages[-1].end

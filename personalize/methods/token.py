@@ -1,0 +1,69 @@
+"""A new word for the subject: a placeholder token whose embedding row is the only thing that trains.
+
+Instead of letting the optimizer touch the whole embedding matrix and copying the other rows back after
+every step (the diffusers example), the new rows live in their own parameter and are spliced in at
+lookup. Every other row is never written, so it stays bit-identical by construction, and the optimizer
+state is one row instead of the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from personalize.errors import PersonalizeError
+
+
+class NewTokenEmbedding(nn.Module):
+    """Drop-in for the text encoder's token embedding: ids >= `first_new_id` read `new_rows`."""
+
+    def __init__(self, base: nn.Embedding, first_new_id: int):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.new_rows = nn.Parameter(base.weight[first_new_id:].detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads `.weight` for the dtype/device of embeddings
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        is_new = input_ids >= self.first_new_id
+        new = self.new_rows[(input_ids - self.first_new_id).clamp(min=0)].to(out.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, out)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Embedding:
+        """A plain nn.Embedding with the trained rows written in (for saving a whole text encoder)."""
+        merged = nn.Embedding.from_pretrained(self.base.weight.detach().clone(), freeze=False)
+        merged.weight[self.first_new_id:] = self.new_rows.to(merged.weight.dtype)
+        return merged
+
+
+def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer: str) -> NewTokenEmbedding:
+    """Add `placeholder` to the vocabulary, initialised from the one-token word `initializer`.
+
+    Returns the embedding module now installed in `text_encoder`.
+    """
+    init_ids = tokenizer.encode(initializer, add_special_tokens=False)
+    if len(init_ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(init_ids)
+        raise PersonalizeError(
+            f"initializer word '{initializer}' is {len(init_ids)} tokens ({' '.join(pieces)}), not one: "
+            "choose a single-token word (e.g. the last word of the class noun) with method.new_token.initializer"
+        )
+    if placeholder in tokenizer.get_vocab() or tokenizer.add_tokens([placeholder]) == 0:
+        raise PersonalizeError(
+            f"placeholder '{placeholder}' is already in the tokenizer's vocabulary: choose a new string "
+            "such as '<my-dog>' with method.identifier"
+        )
+    new_id = tokenizer.convert_tokens_to_ids(placeholder)
+    # mean_resizing=False: the new row is overwritten below, so skip the costly covariance of the vocabulary
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeddings = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        embeddings.weight[new_id] = embeddings.weight[init_ids[0]]
+    wrapped = NewTokenEmbedding(embeddings, first_new_id=new_id)
+    text_encoder.set_input_embeddings(wrapped)
+    return wrapped
