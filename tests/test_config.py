@@ -1,0 +1,71 @@
+"""Every method x several subjects composes from Hydra and builds its module; subject configs match the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from personalize.config import CONF_DIR, compose
+from personalize.data import list_images
+from personalize.methods.stages import parse_stages
+from personalize.train import prepare_run
+from tests.conftest import SHARED_DREAMBOOTH
+
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
+DREAMBOOTH_SUBJECTS = sorted(p.stem for p in (CONF_DIR / "subject").glob("*.yaml") if not p.stem.startswith("sample_"))
+SAMPLE_SUBJECTS = ["sample_dog", "sample_dog2", "sample_backpack"]
+
+
+def test_the_five_methods_and_thirty_subjects_exist():
+    assert METHODS == ["dreambooth", "finetune", "lora", "textual_inversion", "two_stage"]
+    assert len(DREAMBOOTH_SUBJECTS) == 30
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("subject", ["sample_dog", "sample_backpack"])
+def test_every_method_composes_and_instantiates(method, subject, make_cfg):
+    cfg = make_cfg(f"method={method}", f"subject={subject}", "class_images.count=2")
+    run = prepare_run(cfg)
+    assert run.module.total_steps() == sum(stage.steps for stage in parse_stages(cfg.method.stages))
+    assert run.module.instance_prompt.startswith("a photo of ")
+    assert (Path(cfg.paths.output_dir) / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("model", ["sd21_base", "sd14", "sd15", "tiny"])
+@pytest.mark.parametrize("hardware", ["auto", "cpu", "gpu", "gpu_bf16", "gpu_fp16", "low_memory", "ddp"])
+def test_model_and_hardware_groups_compose(model, hardware):
+    cfg = compose("train", [f"model={model}", f"hardware={hardware}"], output_dir="/unused")
+    assert cfg.model.resolution in (64, 512)
+    assert cfg.hardware.name == hardware
+
+
+def test_paper_defaults_of_the_methods():
+    two_stage = compose("train", ["method=two_stage"], output_dir="/unused").method
+    assert two_stage.identifier == "<rare>" and two_stage.new_token.initializer == "rare"
+    token, unet = parse_stages(two_stage.stages)
+    assert (token.train, token.steps, token.lr) == (("token",), 100, 5e-4)
+    assert (unet.train, unet.steps, unet.lr, unet.prior_loss_weight) == (("unet",), 800, 5e-6, 0.0)
+    assert unet.checkpoint_steps() == [300, 500, 700, 900]  # every 200 steps of stage 2
+
+    dreambooth = compose("train", ["method=dreambooth"], output_dir="/unused")
+    assert parse_stages(dreambooth.method.stages)[0].prior_loss_weight == 1.0
+    assert dreambooth.class_images.count == 200
+    assert dreambooth.class_images.prompt.format(class_noun="dog") == "a photo of dog"
+
+    lora = compose("train", ["method=lora"], output_dir="/unused").method
+    assert (lora.lora.rank, list(lora.lora.target_modules)) == (4, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert parse_stages(lora.stages)[0].lr == 1e-4
+
+
+@pytest.mark.parametrize("subject", DREAMBOOTH_SUBJECTS + SAMPLE_SUBJECTS)
+def test_subject_config_points_at_its_photos(subject):
+    cfg = compose("train", [f"subject={subject}"], output_dir="/unused").subject
+    assert cfg.kind in ("live", "object") and cfg.class_noun and cfg.init_word
+    if subject.startswith("sample_") or SHARED_DREAMBOOTH.is_dir():
+        assert len(list_images(Path(cfg.data_dir))) == cfg.num_images
+
+
+def test_live_subjects_are_the_nine_animals():
+    live = {s for s in DREAMBOOTH_SUBJECTS if compose("train", [f"subject={s}"], output_dir="/u").subject.kind == "live"}
+    assert live == {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
