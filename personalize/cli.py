@@ -19,6 +19,22 @@ CONF_DIR = str(_CONF_DIR)
 log = logging.getLogger("personalize")
 
 
+def quiet_libraries() -> None:
+    """Keep the console to our own progress: no per-file loading bars or library chatter."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*modules? in eval mode.*", ".*LeafSpec.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _is_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
@@ -30,6 +46,7 @@ def _is_multirun() -> bool:
 
 def run_task(task, cfg: DictConfig):
     """Run `task(cfg)`; user errors become one line (and a FAILED file in multirun, without stopping it)."""
+    quiet_libraries()
     try:
         return task(cfg)
     except PersonalizeError as error:
