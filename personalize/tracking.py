@@ -65,3 +65,62 @@ def finishing_wandb():
                 wandb.finish()
         except ImportError:
             pass
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    """The offline W&B runs under a run dir (`<run>/wandb/offline-run-*`), oldest first."""
+    return sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+
+
+def read_offline_history(wandb_run: Path, wait_s: float = 30.0) -> list[dict]:
+    """The history rows (each `log` call) of an offline W&B run, read from its `.wandb` file.
+
+    wandb has no public reader for offline runs, so this parses the file directly: a LevelDB-style log
+    (7-byte file header, 32 KiB blocks, records split into FULL/FIRST/MIDDLE/LAST chunks) of protobuf
+    `Record`s; history items carry JSON values. `wandb.finish()` can return before wandb's service has
+    written the file out, so this waits (up to `wait_s`) for the run's closing `exit` record.
+    """
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, complete = _parse_offline_run(Path(wandb_run))
+        if complete or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _parse_offline_run(wandb_run: Path) -> tuple[list[dict], bool]:
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    path = next(Path(wandb_run).glob("*.wandb"))
+    raw = path.read_bytes()
+    block, header = 32768, 7
+    rows, pos, pending, complete = [], 7, b"", False
+    while pos + header <= len(raw):
+        if block - pos % block < header:  # the rest of a block too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + header])
+        pos += header
+        data, pos = raw[pos:pos + length], pos + length
+        if pos > len(raw):  # the writer is mid-record
+            break
+        if kind in (1, 2):  # FULL, FIRST
+            pending = data
+        elif kind in (3, 4):  # MIDDLE, LAST
+            pending += data
+        else:
+            continue
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            record_type = record.WhichOneof("record_type")
+            if record_type == "history":
+                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                             for item in record.history.item})
+            complete = complete or record_type == "exit"
+    return rows, complete
