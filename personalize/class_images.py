@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from personalize.errors import PersonalizeError
-from personalize.io import atomic_save_image, atomic_write_json
+from personalize.io import atomic_save_image, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ def missing_indices(folder: Path, count: int) -> list[int]:
 
 
 def ensure_class_images(spec: ClassImageSpec, count: int, cache_root: Path, make_pipeline, batch_size: int = 4,
-                        device: str | torch.device = "cpu") -> list[Path]:
+                        device: str | torch.device = "cpu", generate: bool = True, wait_s: float = 3600.0) -> list[Path]:
     """Paths of `count` class images for `spec`, generating only those not cached yet.
 
     `make_pipeline()` returns the frozen base pipeline; it is called only if something must be generated.
+    `generate=False` (ranks other than 0 of a multi-process run) waits up to `wait_s` for another process
+    to write the missing images instead of generating them too.
     """
     if count <= 0:
         raise PersonalizeError(f"class_images.count is {count}: prior preservation needs at least 1 class image")
@@ -67,7 +70,18 @@ def ensure_class_images(spec: ClassImageSpec, count: int, cache_root: Path, make
     spec_file = folder / "spec.json"
     if not spec_file.exists():
         atomic_write_json(spec_file, asdict(spec))
+    remove_stale_temps(folder)  # half-written images of a killed run: never read, only disk
     todo = missing_indices(folder, count)
+    if todo and not generate:
+        deadline = time.monotonic() + wait_s
+        while todo and time.monotonic() < deadline:
+            time.sleep(2.0)
+            todo = missing_indices(folder, count)
+        if todo:
+            raise PersonalizeError(
+                f"waited {wait_s:.0f} s for rank 0 to generate {len(todo)} class images into {folder}: "
+                "check rank 0's log, or generate them first with a single-process run"
+            )
     if todo:
         log.info("generating %d of %d class images for '%s' into %s", len(todo), count, spec.prompt, folder)
         pipe = make_pipeline()

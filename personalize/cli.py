@@ -1,12 +1,15 @@
 """Command-line entry points (Hydra apps). Each prints a PersonalizeError as one line, no traceback.
 
-In a multirun a failing job writes FAILED into its run dir and returns, so the sweep goes on.
+In a multirun a failing job writes FAILED into its run dir and the sweep goes on with the next job: a
+user error (PersonalizeError) returns; any other exception (a bug) is re-raised as a light `JobFailed`,
+which Hydra records for that job, runs the other jobs, and turns into a non-zero exit at the end.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -14,6 +17,7 @@ from omegaconf import DictConfig
 
 from personalize.config import CONF_DIR as _CONF_DIR
 from personalize.errors import PersonalizeError
+from personalize.schema import checked_cli
 
 CONF_DIR = str(_CONF_DIR)
 log = logging.getLogger("personalize")
@@ -31,7 +35,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*modules? in eval mode.*", ".*LeafSpec.*", ".*litlogger.*"):
+    for pattern in (".*does not have many workers.*", r".*module(s|\(s\))? in eval mode.*", ".*LeafSpec.*", ".*litlogger.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -58,8 +62,41 @@ def run_task(task, cfg: DictConfig):
             log.error("job failed: %s", error)
             return None
         raise SystemExit(2)
+    except Exception as error:
+        if not _is_multirun():
+            raise  # a bug: keep its traceback
+        summary = f"{type(error).__name__}: {error}"
+        _record_failure(cfg, traceback.format_exc())
+    # Outside the except block: nothing of the failed job (its frames, model, GPU memory) stays referenced
+    # by the exception Hydra keeps until the end of the sweep, so it cannot pollute the next job.
+    _free_memory()
+    raise JobFailed(f"{Path(str(cfg.paths.output_dir)).name}: {summary}")
 
 
+class JobFailed(Exception):
+    """One multirun job failed (details in its run dir's FAILED); carries no frames of the job."""
+
+
+def _record_failure(cfg: DictConfig, details: str) -> None:
+    from personalize.io import atomic_write_text
+
+    try:
+        atomic_write_text(Path(str(cfg.paths.output_dir)) / "FAILED", details)
+    except Exception:  # noqa: BLE001 - the job's own error matters more than a failed note
+        log.exception("could not write the FAILED note")
+    log.error("job failed (the sweep goes on):\n%s", details)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@checked_cli("train")  # unknown group option / key: one line, exit 2
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_main(cfg: DictConfig):
     from personalize.train import train
@@ -68,6 +105,7 @@ def train_main(cfg: DictConfig):
     return None if result is None else str(result.run_dir)
 
 
+@checked_cli("sample")  # unknown group option / key: one line, exit 2
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def sample_main(cfg: DictConfig):
     from personalize.checkpoints import resolve_checkpoint
@@ -83,6 +121,39 @@ def sample_main(cfg: DictConfig):
         return out
 
     return run_task(task, cfg)
+
+
+@checked_cli("edit")  # unknown group option / key: one line, exit 2
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="edit")
+def edit_main(cfg: DictConfig):
+    """personalize-edit run_dir=<run> [image=<photo>] [edit=fast|replace|refine|reweight|local_blend] ..."""
+    from personalize.edit.runner import run_edit
+
+    result = run_task(run_edit, cfg)
+    return None if result is None else str(result)
+
+
+@checked_cli("evaluate")  # unknown group option / key: one line, exit 2
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def eval_main(cfg: DictConfig):
+    """personalize-eval run_dir=<run> [eval=jindal]: evaluate an existing run's checkpoints, no training."""
+    def task(cfg):
+        from personalize.eval.evaluate import evaluate_run_dir, print_table
+
+        records = evaluate_run_dir(cfg)
+        print_table(records, Path(cfg.run_dir))
+        return records
+
+    return run_task(task, cfg)
+
+
+@checked_cli("report")  # unknown group option / key: one line, exit 2
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+def report_main(cfg: DictConfig):
+    """personalize-report experiment=<name> [report.selection=best|last|<step>] [report.source=local|wandb|both]"""
+    from personalize.report import report
+
+    run_task(report, cfg)
 
 
 if __name__ == "__main__":  # python -m personalize.cli ...

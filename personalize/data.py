@@ -53,22 +53,30 @@ def list_images(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     for other in sorted(set(files) - set(images)):
-        log.warning("skipping '%s': not an image file (%s)", other, ", ".join(sorted(IMAGE_SUFFIXES)))
+        log.warning("skipping '%s': not an image file (supported: %s)", other, ", ".join(sorted(IMAGE_SUFFIXES)))
     if not images:
-        raise PersonalizeError(f"subject folder '{folder}' has no images: put 3-6 photos of the subject there")
+        skipped = f" ({len(files)} other files skipped)" if files else ""
+        raise PersonalizeError(f"subject folder '{folder}' has no images{skipped}: put 3-6 photos of the subject there")
     return images
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open any common photo as an upright 8-bit RGB image, or fail naming the file."""
+def open_rgb(path: Path, min_side: int | None = None) -> Image.Image:
+    """Open any common photo as an upright 8-bit RGB image, or fail naming the file.
+
+    `min_side`: the caller needs no more than this many pixels on the shorter side, so a huge JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: fast, little memory, no aliasing) while
+    keeping at least 2x that size for the final resize.
+    """
     try:
         with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                img.draft(img.mode, (2 * min_side, 2 * min_side))
             img.load()  # force decoding now so a truncated file fails here, not mid-training
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grayscale: scale to 8 bits by the value range instead of clipping at 255
                 array = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if array.max() > 255 else 255.0
+                peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
                 img = Image.fromarray((array / peak * 255.0).round().astype(np.uint8))
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 # flatten transparency onto white: what a viewer shows, and no black halos
@@ -76,7 +84,11 @@ def open_rgb(path: Path) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise PersonalizeError(
+            f"image '{path}' is too large to open safely ({error}): downscale it, e.g. to 4096 px on the long side"
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise PersonalizeError(
             f"cannot read image '{path}' ({error}): the file is corrupt or truncated; re-export it or remove it"
         ) from error
@@ -103,7 +115,7 @@ def load_subject_images(folder: Path, resolution: int) -> torch.Tensor:
     """All photos of a subject as a [N, 3, R, R] tensor in [-1, 1]."""
     tensors = []
     for path in list_images(folder):
-        img = open_rgb(path)
+        img = open_rgb(path, min_side=resolution)
         if min(img.size) < resolution:
             log.warning(
                 "'%s' is %dx%d, smaller than the training resolution %d: it will be upscaled and look soft",

@@ -1,7 +1,8 @@
 """Atomic file and folder writes: a killed run never leaves a truncated file that a later run trusts.
 
 Everything is written under a temporary name in the same folder and renamed into place (`os.replace`
-is atomic on POSIX within one file system).
+is atomic on POSIX within one file system). Temporary names carry the writer's pid, so the leftovers of a
+killed writer can be told from the work of a live one (`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +42,12 @@ def atomic_save_image(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a staging folder that becomes `path` only when the block finishes without error.
@@ -48,7 +56,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         yield staging
         if path.exists():
@@ -56,3 +65,43 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# `.<name>.<pid>.tmp` (files) and `.<name>.<pid>.<random>` (staging folders), as written above
+_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files and staging folders that killed writers left in `folder`.
+
+    Nothing ever reads them (they never got their final name); this only frees the disk. A writer is
+    judged dead by its pid on this machine, so on a file system shared by several machines a live
+    writer elsewhere could lose its temp file and fail; it would not corrupt anything.
+    """
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in list(dirs) + files:
+            match = _TEMP.match(name)
+            if match and not _alive(int(match.group("pid"))):
+                entry = Path(root) / name
+                if name in dirs:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    dirs.remove(name)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        if not recursive:
+            break
+    return removed

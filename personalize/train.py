@@ -20,6 +20,7 @@ from personalize.methods.callbacks import ArtifactCheckpoint
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
 from personalize.models import load_components, load_pipeline, resolve_pretrained
+from personalize.resume import SafetensorsCheckpointIO
 from personalize.tracking import build_logger, finishing_wandb, resolved_config
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,11 @@ def prepare_class_images(cfg: DictConfig, subject: Subject, stages, device, dtyp
         negative_prompt=str(ci.negative_prompt or ""), sampler=str(ci.sampler), steps=int(ci.steps),
         guidance_scale=float(ci.guidance_scale), resolution=int(cfg.model.resolution), seed=int(ci.seed),
     )
+    from personalize.resume import is_launch_rank_zero
+
     paths = ensure_class_images(
         spec, int(ci.count), Path(cfg.paths.class_image_dir), lambda: load_pipeline(cfg.model, dtype=dtype),
-        batch_size=int(ci.batch_size), device=device,
+        batch_size=int(ci.batch_size), device=device, generate=is_launch_rank_zero(),  # other ranks wait for rank 0
     )
     return torch.stack([to_tensor(center_crop_resize(open_rgb(p), int(cfg.model.resolution))) for p in paths])
 
@@ -100,6 +103,7 @@ class Run:
     accelerator: str
     precision: str
     frozen_dtype: torch.dtype
+    resume_from: Path | None = None  # a resume state (resume/step-NNNNNN) that trainer.fit continues from
 
     @property
     def device(self) -> torch.device:
@@ -112,17 +116,41 @@ class Run:
 
 
 def prepare_run(cfg: DictConfig) -> Run:
-    """Validate the config and inputs (cheap checks first), load the model, build the method's module."""
-    run_dir = Path(cfg.paths.output_dir)
+    """Validate the config and inputs (cheap checks first), load the model, build the method's module.
+
+    Every check runs before anything is written, so bad input leaves no half-made run behind.
+    With `resume` set, the run continues in the earlier run dir from its newest resume state.
+    """
+    from personalize.io import remove_stale_temps
+    from personalize.resume import find_run, is_launch_rank_zero, latest_resume_state
+    from personalize.schema import check_config, check_run_settings
+
+    check_config(cfg)  # a typo'd key fails here, not silently ignored
     subject = Subject.from_cfg(cfg.subject)
     stages = parse_stages(cfg.method.stages)
     accelerator, precision, frozen_dtype = resolve_hardware(cfg.hardware)
+    check_run_settings(cfg, stages)
     images = load_subject_images(subject.data_dir, int(cfg.model.resolution))
     prompts = prompts_for(cfg.method, subject)
+    check_model(cfg)
+    check_prompts(cfg, prompts)
+    check_evaluation(cfg)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = resolved_config(cfg)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    rank_zero = is_launch_rank_zero()
+    run_dir = find_run(cfg, config)
+    resume_from = None
+    if run_dir is None:
+        run_dir = Path(cfg.paths.output_dir)
+    else:
+        cfg.paths.output_dir = str(run_dir)  # everything of this call goes into the resumed run's dir
+        resume_from = latest_resume_state(run_dir)
+        log.info("resuming %s from %s", run_dir, resume_from.name if resume_from else "the start (no checkpoint yet)")
+        if rank_zero:  # what a killed writer left there is never read; free the disk
+            remove_stale_temps(run_dir, recursive=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it began with
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     log.info("%s on %s (%d photos): '%s'", cfg.method.name, subject.name, len(images), prompts["instance"])
 
@@ -131,28 +159,105 @@ def prepare_run(cfg: DictConfig) -> Run:
     model_info = dict(config["model"], pretrained=resolve_pretrained(cfg.model))
     info = dict(method=cfg.method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info)
-    module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info)
-    return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype)
+    module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed))
+    return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """A model that is not there fails here, in one line, before anything is written: its scheduler config
+    is a few bytes, and loads through the same path (local folder, cache, hub) as the weights."""
+    from diffusers import DDPMScheduler
+
+    from personalize.models import _load
+
+    _load(DDPMScheduler, resolve_pretrained(cfg.model), "scheduler", cfg.model)
+
+
+def check_prompts(cfg: DictConfig, prompts: dict) -> None:
+    """The identifier must be in the training prompt (else nothing learns the subject), and a new token must
+    be a valid new word; checked on the tokenizer alone, before class images or the model are loaded."""
+    from personalize.errors import PersonalizeError
+
+    identifier = prompts["identifier"]
+    if not identifier.strip() or identifier not in prompts["instance"]:
+        raise PersonalizeError(
+            f"the training prompt '{prompts['instance']}' does not contain the identifier '{identifier}': "
+            "keep {identifier} in method.phrase (or {phrase} in method.instance_prompt)"
+        )
+    if cfg.method.get("new_token"):
+        from transformers import CLIPTokenizer
+
+        from personalize.methods.token import check_new_token
+        from personalize.models import _load, _not_available
+
+        source = resolve_pretrained(cfg.model)
+        tokenizer = _load(CLIPTokenizer, source, "tokenizer", cfg.model)
+        if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
+            raise _not_available(source, cfg.model)
+        check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer))
 
 
 def fit(run: Run) -> Run:
-    """Train, saving checkpoints; then sample from the last one through the stock pipeline."""
+    """Train, saving checkpoints; then sample from the last one through the stock pipeline, evaluate every
+    checkpoint (conf/eval; see `evaluate_checkpoints`) and print the metrics per checkpoint."""
     cfg, module = run.cfg, run.module
+    check_evaluation(cfg)  # a bad eval config fails before training, not after
+    records: list[dict] = []
     with finishing_wandb():
         logger = build_logger(cfg, run.run_dir)
         trainer = L.Trainer(
             accelerator=run.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=run.precision, max_steps=module.total_steps(),
             callbacks=[ArtifactCheckpoint(run.run_dir, check_every=int(cfg.hardware.nan_check_every))],
+            # resume states: safetensors + JSON (never pickle); the module's sampler splits data over ranks itself
+            plugins=[SafetensorsCheckpointIO()], use_distributed_sampler=False,
+            deterministic=cfg.hardware.get("deterministic", False),
             logger=logger, enable_checkpointing=False, enable_model_summary=False,
             log_every_n_steps=int(cfg.trainer.log_every_n_steps), enable_progress_bar=bool(cfg.trainer.progress_bar),
             default_root_dir=str(run.run_dir), num_sanity_val_steps=0,
         )
-        trainer.fit(module)
+        trainer.fit(module, ckpt_path=run.resume_from)
         if trainer.is_global_zero:
             write_samples(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
+            records = evaluate_checkpoints(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
     log.info("run dir: %s", run.run_dir)
+    if records:
+        from personalize.eval.evaluate import print_table
+
+        print_table(records, run.run_dir)
     return run
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """Validate conf/eval (names, counts, optional extras, cached models) without loading anything."""
+    if cfg.get("eval") is not None:
+        from personalize.eval.evaluate import EvalSettings, check_settings
+
+        check_settings(EvalSettings.from_cfg(cfg.eval))
+
+
+def evaluate_checkpoints(cfg: DictConfig, run_dir: Path, device, dtype, logger) -> list[dict]:
+    """Evaluate every saved checkpoint of the run (conf/eval), logging to the run's own W&B run.
+
+    A post-training pass rather than a callback inside the training loop: the loop stays free of sampling
+    (no pipeline, CLIP or DINO in memory beside the optimizer state, no evaluation time inside the step
+    timings), generation is batched across prompts, the base pipeline is loaded once for all checkpoints
+    (each applied in turn) and the reference features are encoded once. It is also exactly what
+    `personalize-eval run_dir=<run>` runs on a finished run. The price: numbers arrive after training.
+    Records go to <run>/metrics.jsonl; W&B gets eval/<protocol>/<metric> at each checkpoint's step.
+    """
+    if cfg.get("eval") is None or not cfg.eval.get("enabled", True):
+        return []
+    from personalize.errors import PersonalizeError
+    from personalize.eval.evaluate import evaluate_run
+
+    try:
+        return evaluate_run(run_dir, cfg.eval, run_cfg=cfg, device=device, dtype=dtype, logger=logger)
+    except PersonalizeError as error:
+        raise PersonalizeError(
+            f"training finished (checkpoints in {run_dir}/checkpoints) but its evaluation failed: {error}. "
+            f"Evaluate it again with `personalize-eval run_dir={run_dir}`"
+        ) from error
 
 
 def train(cfg: DictConfig) -> Run:

@@ -8,6 +8,11 @@ Nothing that can be hoisted out of the step runs in it:
 
 Manual optimisation: each stage has its own optimizer over only what it trains, and the stage is a
 pure function of the global step, so a resumed run lands in the right stage with the right optimizer.
+
+Every random number of a step comes from one generator of the module, drawn for the whole global batch
+on every rank, and the data order from one permutation of the whole run: N processes see what one
+process with N times the batch sees, and a resumed run (its checkpoint holds the generator state and
+the data position) continues the exact sequence of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from personalize.checkpoints import EMBEDS_FILE, INFO_FILE
 from personalize.errors import PersonalizeError
@@ -26,6 +31,7 @@ from personalize.io import atomic_dir, atomic_write_json
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding, add_placeholder_token
 from personalize.models import SDComponents
+from personalize.resume import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,59 @@ class StepIndices(Dataset):
         return i % self.num_instance, i % self.num_class
 
 
+class StepSampler(Sampler[int]):
+    """This rank's dataset positions, step after step, from one seeded permutation of the whole run.
+
+    Step s uses positions perm[s*G:(s+1)*G] (G = world_size * batch_size, the global batch) and rank r
+    takes its `batch_size` of them, so the split over ranks changes nothing; `start_step` (set on
+    resume) skips the steps already trained. It does the DDP split itself: the Trainer must not add a
+    DistributedSampler (use_distributed_sampler=False).
+    """
+
+    def __init__(self, num_steps: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_steps, self.batch_size, self.seed = num_steps, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_step = 0
+
+    def __len__(self) -> int:  # the whole run: Lightning counts batches from the restored position on
+        return self.num_steps * self.batch_size
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        perm = torch.randperm(self.num_steps * global_batch, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for step in range(self.start_step, self.num_steps):
+            first = step * global_batch + self.rank * self.batch_size
+            yield from perm[first:first + self.batch_size]
+
+
+class StepLoader(DataLoader):
+    """A DataLoader Lightning saves and restores with the checkpoint (it has state_dict/load_state_dict).
+
+    Its state is the number of steps trained when the checkpoint was taken (one batch per step), which
+    is exact even though Lightning prefetches a batch ahead.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: StepSampler, steps_done):
+        # a generator of its own: creating the iterator must not draw from the global RNG
+        super().__init__(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+                         generator=torch.Generator())
+        self._steps_done = steps_done
+
+    def state_dict(self) -> dict:
+        return {"steps_done": int(self._steps_done())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.start_step = int(state["steps_done"])
+
+
 class Personalizer(L.LightningModule):
     def __init__(self, components: SDComponents, method_cfg, prompts: dict, instance_images: torch.Tensor,
-                 class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None):
+                 class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None,
+                 seed: int | None = None):
         super().__init__()
         self.automatic_optimization = False
+        # resume states hold only what trained (see on_save_checkpoint); the frozen rest comes from the base model
+        self.strict_loading = False
         self.method_cfg = method_cfg
         self.hardware_cfg = hardware_cfg or {}
         self.stages: list[Stage] = parse_stages(method_cfg.stages)
@@ -65,6 +119,9 @@ class Personalizer(L.LightningModule):
         self.class_prompt = prompts.get("class")
         self.identifier = prompts["identifier"]
         self.checkpoint_info = checkpoint_info or {}
+        self.seed = int(seed if seed is not None else self.checkpoint_info.get("seed", 0))
+        self._generator: torch.Generator | None = None
+        self._rng_to_restore: dict | None = None
         self.batch_size = int(method_cfg.batch_size)
         self._images = {"instance": instance_images, "class": class_images}
         self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -86,6 +143,11 @@ class Personalizer(L.LightningModule):
             raise PersonalizeError("a stage trains 'token' but method.new_token is not set: give the placeholder's initializer")
         if "lora" in self.trains:
             self._add_lora(method_cfg.lora)
+        if self.hardware_cfg.get("channels_last"):
+            self.unet.to(memory_format=torch.channels_last)
+        if self.hardware_cfg.get("compile_unet"):
+            # in place (nn.Module.compile): the UNet keeps its class, so save_pretrained still works
+            self.unet.compile()
         if self.hardware_cfg.get("gradient_checkpointing"):
             if self.trains & {"unet", "lora"}:
                 self.unet.enable_gradient_checkpointing()
@@ -104,8 +166,47 @@ class Personalizer(L.LightningModule):
             if "lora_" in name:
                 param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
 
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            # DDP registers, when it wraps the module (after this hook), only the parameters that require
+            # grad at that moment. Register those of every stage; each stage then freezes the others, which
+            # the strategy sees as unused parameters (hardware=ddp finds them; plain `ddp` is refused earlier).
+            for s in self.stages:
+                for param in self._trainable_params(s):
+                    param.requires_grad_(True)
+
     def on_fit_start(self) -> None:
         self.cache_latents()
+
+    def on_train_start(self) -> None:
+        # after Lightning's setup and the dataloader: nothing between here and the first step draws randomness
+        generator = self.generator
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore, generator)
+            self._rng_to_restore = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The source of every random number of a step (latent sampling, noise, timesteps)."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self._generator
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _randn(self, shape) -> torch.Tensor:
+        """Normal noise for this rank's rows of the global batch: every rank draws all rows, keeps its own."""
+        world, rank = self._ranks()
+        rows = shape[0]
+        full = torch.randn((rows * world, *shape[1:]), generator=self.generator, device=self.device)
+        return full[rank * rows:(rank + 1) * rows]
+
+    def _randint(self, high: int, rows: int) -> torch.Tensor:
+        world, rank = self._ranks()
+        full = torch.randint(0, high, (rows * world,), generator=self.generator, device=self.device)
+        return full[rank * rows:(rank + 1) * rows]
 
     @torch.no_grad()
     def cache_latents(self) -> None:
@@ -128,9 +229,10 @@ class Personalizer(L.LightningModule):
         total_steps = self.stages[-1].end
         flip = 2 if self.method_cfg.get("flip", False) else 1
         num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
-        dataset = StepIndices(total_steps * self.batch_size, len(self._images["instance"]) * flip, num_class)
-        generator = torch.Generator().manual_seed(int(self.method_cfg.get("data_seed", 0)))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True)
+        world, rank = self._ranks()
+        dataset = StepIndices(total_steps * self.batch_size * world, len(self._images["instance"]) * flip, num_class)
+        sampler = StepSampler(total_steps, self.batch_size, int(self.method_cfg.get("data_seed", 0)), rank, world)
+        return StepLoader(dataset, sampler, steps_done=lambda: self.global_step)
 
     def configure_optimizers(self):
         return [self._make_optimizer(stage) for stage in self.stages]
@@ -195,7 +297,7 @@ class Personalizer(L.LightningModule):
     def _sample_latents(self, name: str, index: torch.Tensor) -> torch.Tensor:
         mean, std = self._latents[name]
         mean, std = mean[index], std[index]
-        return mean + std * torch.randn_like(mean)
+        return mean + std * self._randn(mean.shape)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -203,15 +305,19 @@ class Personalizer(L.LightningModule):
         if stage is not self._current_stage:
             self._enter_stage(stage)
         instance_idx, class_idx = batch
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
         latents = self._sample_latents("instance", instance_idx)
+        noise = self._randn(latents.shape)
+        timesteps = self._randint(num_timesteps, len(latents))
         embeds = self._prompt_batch("instance", self.instance_prompt, len(latents))
         n_instance = len(latents)
         if stage.prior_loss_weight > 0:
-            latents = torch.cat([latents, self._sample_latents("class", class_idx)])
+            class_latents = self._sample_latents("class", class_idx)
+            latents = torch.cat([latents, class_latents])
+            noise = torch.cat([noise, self._randn(class_latents.shape)])
+            timesteps = torch.cat([timesteps, self._randint(num_timesteps, len(class_latents))])
             embeds = torch.cat([embeds, self._prompt_batch("class", self.class_prompt, len(class_idx))])
 
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
         pred, target = self._predict(latents, noise, timesteps, embeds)
 
         instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
@@ -261,12 +367,48 @@ class Personalizer(L.LightningModule):
             losses.append(F.mse_loss(pred, target))
         return float(torch.stack(losses).mean())
 
+    @torch.no_grad()
+    def predicts_finite(self) -> bool:
+        """Whether the current weights still give a finite prediction: one forward pass on fixed noise.
+
+        Cheap next to saving a checkpoint, and draws from no RNG of the run. (A diverging model can have
+        finite weights that overflow in the forward, and a step's loss only vouches for the weights
+        before that step's update.)"""
+        if not self._latents:
+            self.cache_latents()
+        latents = self._latents["instance"][0][:1]
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents)
+        t = torch.full((1,), self.noise_scheduler.config.num_train_timesteps // 2, device=self.device)
+        pred, _ = self._predict(latents, noise, t, self._encode_prompt(self.instance_prompt))
+        return bool(torch.isfinite(pred).all())
+
     def _set_lr(self, optimizer, stage: Stage) -> None:
         """Constant lr after a linear warm-up, per stage."""
         stage_step = self.global_step - stage.start
         factor = min(1.0, (stage_step + 1) / stage.lr_warmup_steps) if stage.lr_warmup_steps else 1.0
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * factor
+
+    # ---------------------------------------------------------------- resume states
+    def trained_names(self, step: int) -> set[str]:
+        """State-dict names of the parameters trained in the stages begun before global step `step`."""
+        ids = {id(p) for s in self.stages if s.start < step for p in self._trainable_params(s)}
+        return {name for name, param in self.named_parameters() if id(param) in ids}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only what trained so far: a resume rebuilds the frozen rest from the base model, as the run began.
+        names = self.trained_names(self.global_step)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        checkpoint["personalize"] = {"rng": rng_state(self.generator)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected, found = self.trained_names(int(checkpoint["global_step"])), set(checkpoint["state_dict"])
+        if found != expected:
+            raise PersonalizeError(
+                f"the resume state holds {len(found)} trained tensors where this method expects {len(expected)} "
+                f"(e.g. {sorted(found ^ expected)[:2]}): it comes from a different method; start a new run without resume="
+            )
+        self._rng_to_restore = checkpoint.get("personalize", {}).get("rng")
 
     # ---------------------------------------------------------------- artifacts
     def trained_until(self, step: int) -> set[str]:

@@ -41,11 +41,23 @@ class NewTokenEmbedding(nn.Module):
         return merged
 
 
-def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer: str) -> NewTokenEmbedding:
-    """Add `placeholder` to the vocabulary, initialised from the one-token word `initializer`.
+def check_new_token(tokenizer, placeholder: str, initializer: str) -> list[int]:
+    """Validate a new placeholder and its initializer against the base tokenizer; the initializer's one id.
 
-    Returns the embedding module now installed in `text_encoder`.
+    The placeholder must be new: an existing word (one token already, e.g. 'dog' -> 'dog</w>') would be
+    shadowed wherever it appears, class prompts included.
     """
+    if not placeholder or any(c.isspace() for c in placeholder):
+        raise PersonalizeError(
+            f"placeholder '{placeholder}' is empty or has spaces: use one new string such as '<my-dog>' with method.identifier"
+        )
+    existing = tokenizer.encode(placeholder, add_special_tokens=False)
+    if placeholder in tokenizer.get_vocab() or len(existing) == 1:
+        word = tokenizer.convert_ids_to_tokens(existing)[0] if len(existing) == 1 else placeholder
+        raise PersonalizeError(
+            f"placeholder '{placeholder}' is already in the tokenizer's vocabulary (as '{word}'): choose a new "
+            "string such as '<my-dog>' with method.identifier"
+        )
     init_ids = tokenizer.encode(initializer, add_special_tokens=False)
     if len(init_ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(init_ids)
@@ -53,7 +65,16 @@ def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer
             f"initializer word '{initializer}' is {len(init_ids)} tokens ({' '.join(pieces)}), not one: "
             "choose a single-token word (e.g. the last word of the class noun) with method.new_token.initializer"
         )
-    if placeholder in tokenizer.get_vocab() or tokenizer.add_tokens([placeholder]) == 0:
+    return init_ids
+
+
+def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer: str) -> NewTokenEmbedding:
+    """Add `placeholder` to the vocabulary, initialised from the one-token word `initializer`.
+
+    Returns the embedding module now installed in `text_encoder`.
+    """
+    init_ids = check_new_token(tokenizer, placeholder, initializer)
+    if tokenizer.add_tokens([placeholder]) == 0:
         raise PersonalizeError(
             f"placeholder '{placeholder}' is already in the tokenizer's vocabulary: choose a new string "
             "such as '<my-dog>' with method.identifier"
