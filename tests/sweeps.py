@@ -55,7 +55,9 @@ def smoke_sweep(tmp_path_factory) -> Sweep:
     """`personalize -m experiment=zeng2023_table1_smoke` (basic launcher, W&B offline), once per session."""
     if SMOKE not in _SESSION:
         outputs = tmp_path_factory.mktemp("smoke-sweep")
-        sweep = run("personalize", "-m", f"experiment={SMOKE}", outputs=outputs)
+        # its own class-image cache: other tests of the session may already hold the same images
+        sweep = run("personalize", "-m", f"experiment={SMOKE}", f"paths.class_image_dir={outputs / 'class_images'}",
+                    outputs=outputs)
         assert sweep.returncode == 0, sweep.log[-4000:]
         _SESSION[SMOKE] = sweep
     return _SESSION[SMOKE]

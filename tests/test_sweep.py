@@ -220,12 +220,12 @@ def test_smoke_sweep_completes_with_every_checkpoint_evaluated(smoke_sweep):
         assert wandb_run["name"] == f"{method}-{subject}-s0"
 
 
-def test_class_images_are_generated_once_for_two_subjects_of_one_class(smoke_sweep, isolated_cache):
+def test_class_images_are_generated_once_for_two_subjects_of_one_class(smoke_sweep):
     # both sample dogs run dreambooth: the first makes the "a photo of dog" images, the second reuses them
     generated = re.findall(r"generating (\d+) of \d+ class images for 'a photo of dog'", smoke_sweep.log)
     reused = re.findall(r"reusing \d+ cached class images for 'a photo of dog'", smoke_sweep.log)
     assert generated == ["2"] and len(reused) == 1
-    folders = [p for p in (isolated_cache / "class_images").iterdir() if p.name.startswith("a-photo-of-dog-")]
+    folders = [p for p in (smoke_sweep.outputs / "class_images").iterdir() if p.name.startswith("a-photo-of-dog-")]
     tiny = [f for f in folders if json.loads((f / "spec.json").read_text())["steps"] == 2]
     assert len(tiny) == 1 and len(list(tiny[0].glob("*.png"))) == 2
 
