@@ -9,6 +9,8 @@ where it stopped. Each image is written to a temporary name and renamed, so no h
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -83,12 +85,29 @@ def ensure_class_images(spec: ClassImageSpec, count: int, cache_root: Path, make
                 "check rank 0's log, or generate them first with a single-process run"
             )
     if todo:
-        log.info("generating %d of %d class images for '%s' into %s", len(todo), count, spec.prompt, folder)
-        pipe = make_pipeline()
-        _generate(pipe, spec, folder, todo, batch_size, device)
-    else:
+        with generation_lock(folder):
+            todo = missing_indices(folder, count)  # a parallel job may have made them while we waited
+            if todo:
+                log.info("generating %d of %d class images for '%s' into %s", len(todo), count, spec.prompt, folder)
+                _generate(make_pipeline(), spec, folder, todo, batch_size, device)
+    if not todo:
         log.info("reusing %d cached class images for '%s' from %s", count, spec.prompt, folder)
     return [image_path(folder, i) for i in range(count)]
+
+
+@contextlib.contextmanager
+def generation_lock(folder: Path):
+    """One generating process per cache folder: parallel sweep jobs of one class wait, then reuse."""
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another job is generating the class images in %s: waiting for it", folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @torch.no_grad()

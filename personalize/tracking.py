@@ -54,15 +54,20 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 @contextlib.contextmanager
 def finishing_wandb():
-    """Always close the W&B run, even when the job fails, so the next multirun job starts clean."""
+    """Always close the W&B run, even when the job fails, so the next multirun job starts clean.
+
+    A failing job is closed with exit code 1, so the dashboard shows it as failed, not finished.
+    """
+    exit_code = 1
     try:
         yield
+        exit_code = 0
     finally:
         try:
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                wandb.finish(exit_code=exit_code)
         except ImportError:
             pass
 

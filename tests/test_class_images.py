@@ -52,3 +52,25 @@ def test_image_i_does_not_depend_on_the_batch(tmp_path):
     one = class_images.ensure_class_images(spec, 3, tmp_path / "b1", lambda: load_pipeline(model), batch_size=1)
     three = class_images.ensure_class_images(spec, 3, tmp_path / "b3", lambda: load_pipeline(model), batch_size=3)
     assert [p.read_bytes() for p in one] == [p.read_bytes() for p in three]
+
+
+def test_parallel_jobs_of_one_class_generate_once(tmp_path):
+    """Two processes asking for the same class images at once: one generates, the other waits and reuses."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from personalize.config import compose\n"
+        "from personalize.models import load_pipeline, resolve_pretrained\n"
+        "import personalize.class_images as ci\n"
+        "model = compose('train', ['model=tiny'], output_dir='/unused').model\n"
+        "spec = ci.ClassImageSpec(resolve_pretrained(model), None, 'a photo of dog', '', 'dpm_multistep', 4, 7.5, 64, 0)\n"
+        f"ci.ensure_class_images(spec, 6, '{tmp_path}', lambda: load_pipeline(model), batch_size=2)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert sum("generating 6 of 6" in log for log in logs) == 1, logs
+    assert sum("reusing 6 cached" in log for log in logs) == 1, logs

@@ -515,6 +515,13 @@ class IS(InceptionScore):
         for batch in image_batches(imgs, 64):
             super().update(to_uint8(batch).to(self.device))
 
+    def compute(self) -> tuple[Tensor, Tensor]:
+        # torchmetrics shuffles the features into splits with the global RNG: fix it, so the same images
+        # give the same score whatever ran before (a resumed evaluation, another checkpoint first).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return super().compute()
+
 
 # ----------------------------------------------------------------------------------------------------
 # factory and helpers
