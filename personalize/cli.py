@@ -1,8 +1,7 @@
 """Command-line entry points (Hydra apps). Each prints a PersonalizeError as one line, no traceback.
 
-In a multirun a failing job writes FAILED into its run dir and the sweep goes on with the next job: a
-user error (PersonalizeError) returns; any other exception (a bug) is re-raised as a light `JobFailed`,
-which Hydra records for that job, runs the other jobs, and turns into a non-zero exit at the end.
+In a multirun a failing job, whatever the error, writes FAILED into its run dir and is re-raised as a
+light `JobFailed`: Hydra records it for that job, runs the other jobs, and exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -49,19 +48,16 @@ def _is_multirun() -> bool:
 
 
 def run_task(task, cfg: DictConfig):
-    """Run `task(cfg)`; user errors become one line (and a FAILED file in multirun, without stopping it)."""
+    """Run `task(cfg)`; user errors become one line; in a multirun any failure is recorded, not fatal."""
     quiet_libraries()
     try:
         return task(cfg)
     except PersonalizeError as error:
         print(f"error: {error}", file=sys.stderr)
-        if _is_multirun():
-            from personalize.io import atomic_write_text
-
-            atomic_write_text(Path(cfg.paths.output_dir) / "FAILED", f"{error}\n")
-            log.error("job failed: %s", error)
-            return None
-        raise SystemExit(2)
+        if not _is_multirun():
+            raise SystemExit(2)
+        summary = f"error: {error}"
+        _record_failure(cfg, f"{error}\n")
     except Exception as error:
         if not _is_multirun():
             raise  # a bug: keep its traceback
@@ -102,7 +98,7 @@ def train_main(cfg: DictConfig):
     from personalize.train import train
 
     result = run_task(train, cfg)
-    return None if result is None else str(result.run_dir)
+    return str(result.run_dir)
 
 
 @checked_cli("sample")  # unknown group option / key: one line, exit 2

@@ -287,3 +287,14 @@ def test_submitit_local_executor_runs_the_sweep(tmp_path):
     runs = sweep.runs
     assert len(runs) == 2 and all((r / "metrics.jsonl").exists() for r in runs)
     assert list(runs[0].parent.glob(".submitit/*/*_result.pkl")), "results came back through submitit"
+
+
+def test_user_errors_in_a_sweep_are_recorded_per_job_and_fail_the_sweep(tmp_path):
+    # both jobs have a bad learning rate: each gets its one-line error in FAILED, the second still runs
+    sweep = sweeps.run("personalize", "-m", f"experiment={sweeps.SMOKE}", "method=finetune", "subject=sample_dog",
+                       "method.stages.unet.lr=-1,-2", "logger=none", outputs=tmp_path)
+    assert sweep.returncode != 0, "a sweep with a failed job exits non-zero at the end"
+    failures = sorted(tmp_path.glob("train/multiruns/*/*/*/FAILED"))
+    assert [f.parent.name.split("_")[0] for f in failures] == ["0", "1"]
+    for failure, lr in zip(failures, ("-1", "-2")):
+        assert failure.read_text().startswith(f"method.stages.unet.lr={lr}")
