@@ -7,6 +7,7 @@ config, and guarantees `wandb.finish()` so a failed job in a multirun never leak
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,11 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.method.name}-{cfg.subject.name}-s{cfg.seed}"
 
 
+def run_id(run_dir: Path, task_name: str) -> str:
+    """A W&B run id fixed by the run dir and task: a resumed run continues the same W&B run."""
+    return hashlib.sha1(f"{Path(run_dir).resolve()}:{task_name}".encode()).hexdigest()[:16]
+
+
 def build_logger(cfg: DictConfig, run_dir: Path):
     """A Lightning WandbLogger per `cfg.logger`, or False for `logger=none`."""
     if cfg.logger.backend == "none":
@@ -49,6 +55,7 @@ def build_logger(cfg: DictConfig, run_dir: Path):
         name=run_name(cfg), project=cfg.logger.project, entity=cfg.logger.get("entity"),
         group=str(cfg.group), tags=[cfg.method.name, cfg.subject.name, cfg.model.name, *cfg.get("tags", [])],
         save_dir=str(run_dir), offline=offline, config=resolved_config(cfg), job_type=str(cfg.task_name),
+        id=run_id(run_dir, str(cfg.task_name)), resume="allow",
     )
 
 

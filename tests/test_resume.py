@@ -227,3 +227,15 @@ def test_same_config_and_seed_give_bit_identical_weights_images_and_metrics(make
     assert again.run_dir == first.run_dir and again.resume_from.name == "step-000008"
     fit(again)
     assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*.safetensors")} == mtimes
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(make_cfg):
+    from personalize.tracking import offline_runs
+    from personalize.train import train
+
+    quick = ("method=finetune", "subject=sample_dog", "method.stages.unet.steps=4", "method.stages.unet.checkpoint_every=2",
+             "logger=wandb_offline", "eval=none")
+    first = train(make_cfg(*quick))
+    train(make_cfg(*quick, f"resume={first.run_dir}", name="again"))
+    ids = {p.name.rsplit("-", 1)[-1] for p in offline_runs(first.run_dir)}
+    assert len(offline_runs(first.run_dir)) == 2 and len(ids) == 1, offline_runs(first.run_dir)
