@@ -105,3 +105,47 @@ def remove_stale_temps(folder: Path, recursive: bool = False) -> list[Path]:
         if not recursive:
             break
     return removed
+
+
+def build_atomically(path: Path, marker: str, build) -> Path:
+    """Build a folder once: `build(staging)` writes it beside `path`, and a rename puts it in place.
+
+    `marker` is a file whose presence means the folder is complete. A reader never sees a half-written
+    folder; when several jobs race, the first rename wins and the others drop their copy.
+    """
+    path = Path(path)
+    if (path / marker).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(path)
+        except OSError:
+            if not (path / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def read_jsonl(path: Path, log=None) -> list[dict]:
+    """The JSON objects of a .jsonl file, in order; a line that does not parse is skipped with a warning
+    (a record cut short by a kill before atomic writes, or edited by hand)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if log is not None:
+                log.warning("%s:%d is not a JSON record; skipped", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -19,7 +19,6 @@ a step or protocol missing) makes its cell say "n/N" and is listed under "Missin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ import yaml
 from omegaconf import DictConfig
 
 from personalize.errors import PersonalizeError
+from personalize.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,8 @@ def read_metrics(path: Path) -> list[dict]:
     """
     merged: dict[tuple, dict] = {}
     latest_key: dict[tuple, tuple] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not JSON: skipped", path, number)
-            continue
-        if isinstance(record, dict) and "protocol" in record and "step" in record:
+    for record in read_jsonl(path, log):
+        if "protocol" in record and "step" in record:
             pair = (int(record["step"]), str(record["protocol"]))
             full = pair + (str(record.get("key")),)
             merged[full] = {**merged.get(full, {}), **{k: v for k, v in record.items() if v is not None}}

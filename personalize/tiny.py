@@ -13,8 +13,6 @@ back to letters, exactly as a rare word does in the real CLIP vocabulary.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -135,18 +133,6 @@ def build_tiny_sd(out_dir: Path) -> None:
 
 def ensure_tiny_sd(path: str | os.PathLike) -> Path:
     """Build the tiny SD at `path` unless it is already there. Safe when several jobs race to build it."""
-    path = Path(path)
-    if (path / "model_index.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=path.parent))
-    try:
-        build_tiny_sd(staging)
-        try:
-            staging.rename(path)  # atomic: a reader never sees a half-written model
-        except OSError:
-            if not (path / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    from personalize.io import build_atomically
+
+    return build_atomically(Path(path), "model_index.json", build_tiny_sd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import personalize.class_images as class_images
 from personalize.train import prepare_run

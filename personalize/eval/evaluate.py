@@ -44,6 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from personalize.errors import PersonalizeError
+from personalize.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +220,7 @@ def metrics_path(run_dir: Path) -> Path:
 
 def done_records(run_dir: Path) -> list[dict]:
     """Every record in `<run>/metrics.jsonl`, in file order (a line that does not parse is skipped, with a warning)."""
-    path = metrics_path(run_dir)
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not a JSON record; ignoring it", path, number)
-            continue
-        if isinstance(record, dict) and {"step", "protocol", "key"} <= record.keys():
-            records.append(record)
-    return records
+    return [r for r in read_jsonl(metrics_path(run_dir), log) if {"step", "protocol", "key"} <= r.keys()]
 
 
 def latest_records(records: Iterable[dict]) -> dict[tuple[int, str, str], dict]:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from personalize.io import build_atomically
 from personalize.tiny import build_tokenizer
 
 TINY_IMAGE_SIZE = 32  # 32 px, patch 8 -> 16 patches: big enough to be a ViT, small enough for CPU tests
@@ -28,29 +26,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _atomic_build(path: str | os.PathLike, marker: str, build: Callable[[Path], None]) -> Path:
-    """Build into a temp dir next to `path`, then rename it into place.
-
-    A reader never sees a half-written model; when several jobs race, the first rename wins and the
-    others notice the finished folder and drop their copy.
-    """
-    path = Path(path)
-    if (path / marker).exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(path)
-        except OSError:
-            if not (path / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def build_tiny_clip(out_dir: Path) -> None:
@@ -109,9 +84,9 @@ def build_tiny_dino(out_dir: Path) -> None:
 def ensure_tiny_clip(path: str | os.PathLike) -> Path:
     """Build the tiny CLIP at `path` unless it is already there; returns the path for `from_pretrained`."""
     # preprocessor_config.json is written last, so its presence means the folder is complete.
-    return _atomic_build(path, "preprocessor_config.json", build_tiny_clip)
+    return build_atomically(path, "preprocessor_config.json", build_tiny_clip)
 
 
 def ensure_tiny_dino(path: str | os.PathLike) -> Path:
     """Build the tiny DINO ViT at `path` unless it is already there; returns the path for `from_pretrained`."""
-    return _atomic_build(path, "preprocessor_config.json", build_tiny_dino)
+    return build_atomically(path, "preprocessor_config.json", build_tiny_dino)
