@@ -7,9 +7,11 @@ PY := $(VENV)/bin/python
 # On a GPU machine: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS=--quick (smoke, seconds) | "--sd21 --device cuda" (SD 2.1-base shapes on a GPU)
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench clean
+.PHONY: help install run edit-demo sweep-smoke report-smoke test test-slow bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -26,11 +28,40 @@ install: $(VENV)/.installed ## create .venv and install torch + the package (edi
 run: install ## the main job: two-stage personalization of the sample dog on the tiny model, offline
 	$(VENV)/bin/personalize experiment=demo
 
+# edit-demo reuses the newest finished demo run (one with samples/), else trains one first; DEMO_RUN=<run dir>
+# picks another run. The photo and prompts are overridable: make edit-demo EDIT_PHOTO=my.jpg
+OUTPUTS ?= $(or $(PERSONALIZE_OUTPUTS),outputs)
+EDIT_PHOTO ?= data/samples/dog2/00.jpg
+EDIT_SOURCE ?= a photo of a {class_noun}
+EDIT_TARGET ?= a photo of {phrase}
+LATEST_DEMO = ls -d $(OUTPUTS)/train/runs/*/samples 2>/dev/null | sed 's|/samples$$||' \
+	| while read d; do grep -qx 'group: demo' "$$d/config.yaml" && echo "$$d"; done | tail -n 1
+
+edit-demo: install ## put the demo's personalized dog into another photo (dog2's); prints the side-by-side
+	@run="$(DEMO_RUN)"; [ -n "$$run" ] || run=$$($(LATEST_DEMO)); \
+	if [ -z "$$run" ]; then echo "no finished demo run in $(OUTPUTS)/train/runs: training one first"; \
+		$(VENV)/bin/personalize experiment=demo || exit 1; run=$$($(LATEST_DEMO)); fi; \
+	echo "personalized run: $$run"; \
+	$(VENV)/bin/personalize-edit run_dir="$$run" image="$(EDIT_PHOTO)" edit=fast \
+		'source_prompt="$(EDIT_SOURCE)"' 'target_prompt="$(EDIT_TARGET)"'
+
+# The smoke twin of Zeng et al.'s Table 1 (experiments/README.md): the real sweep and report code on the
+# tiny model, 2 methods x 2 sample dogs, in about a minute on CPU; outputs under $(OUTPUTS)/.
+sweep-smoke: install ## multirun: two_stage vs dreambooth on 2 sample dogs, tiny model, offline (~1 min)
+	$(VENV)/bin/personalize -m experiment=zeng2023_table1_smoke
+
+report-smoke: install ## the smoke sweep's table beside the paper's, per subject, CSV + plot in outputs/report/
+	$(VENV)/bin/personalize-report experiment=zeng2023_table1_smoke
+
 test: install ## the fast CPU test suite (tiny model, real sample photos)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: install ## the longer end-to-end tests too
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+# Ratios measured in one run on a random-weight SD-shaped model (no hub); ~10 min on a 2-core CPU.
+bench: install ## every method's step vs the floor and the naive path, generation, end to end, memory (docs/benchmark.md)
+	$(PY) -m personalize.bench $(BENCH_ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache

@@ -1,0 +1,3 @@
+from personalize.bench.run import main
+
+main()

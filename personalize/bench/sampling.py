@@ -1,0 +1,311 @@
+"""Generation figures: class images (ours ÷ the stock default sampler) and evaluation (ours ÷ a raw pipe call).
+
+Both sides of each ratio run through the same pipeline object, interleaved rep by rep (ABBA order).
+
+A pipeline call costs `fixed + calls x (UNet call + sampler step)`: one UNet call per denoising step
+(classifier-free guidance doubles the batch of that call, not the number of calls), plus fixed work
+(prompt encoding, VAE decode, PNG writes, the framework's own work). Forward hooks on the UNet timestamp
+the start and end of every call, so each measured pipeline call splits into its fixed part (measured:
+before the first UNet call and after the last), its UNet calls and the sampler's work between them.
+On a CPU the full step counts would take minutes per image, so by default every call runs
+`short_steps` steps and is extrapolated: `fixed + calls at full steps x (UNet call + sampler step)`.
+The count of calls at full steps comes from the sampler itself (PNDM makes 51 calls for 50 steps). When
+both sides call the UNet with the same batch, the UNet-call time is pooled over both sides (it is the
+same computation), so its noise does not tilt the ratio. `--full-gen` runs the real counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from itertools import pairwise
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from personalize.bench.measure import Clock, ratios, summary
+
+
+class UNetCalls:
+    """(start, end) of every UNet forward of a pipeline."""
+
+    def __init__(self, pipe, clock: Clock):
+        self.clock = clock
+        self.calls: list[list[float]] = []
+        self.handles = [pipe.unet.register_forward_pre_hook(self._pre), pipe.unet.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self.calls.append([self.clock()])
+
+    def _post(self, module, args, output):
+        self.calls[-1].append(self.clock())
+
+    def take(self) -> list[tuple[float, float]]:
+        calls, self.calls = [tuple(c) for c in self.calls if len(c) == 2], []
+        return calls
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def calls_at(scheduler, steps: int) -> int:
+    """UNet calls a pipeline makes with `scheduler` at `steps` inference steps."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(steps)
+    return len(fresh.timesteps)
+
+
+class Side:
+    """One side of a ratio: its measured pipeline calls, extrapolated to the full step count."""
+
+    def __init__(self, name: str, images_per_call: int, full_calls: int):
+        self.name, self.images, self.full_calls = name, images_per_call, full_calls
+        self.records: list[dict] = []
+        self.unet_s: float | None = None  # pooled UNet-call time, when set by the caller
+
+    def add(self, seconds: float, calls: list[tuple[float, float]], extra: dict | None = None) -> None:
+        unet = [end - start for start, end in calls]
+        gaps = [nxt[0] - cur[1] for cur, nxt in pairwise(calls)]  # the sampler's step + guidance between calls
+        span = calls[-1][1] - calls[0][0] if calls else 0.0
+        self.records.append(dict(seconds=seconds, calls=len(calls), unet=unet, gaps=gaps, span=span, **(extra or {})))
+
+    def own_unet_s(self) -> float:
+        return summary(d for r in self.records for d in r["unet"])["median"] or 0.0
+
+    def gap_s(self) -> float:
+        return summary(d for r in self.records for d in r["gaps"])["median"] or 0.0
+
+    def fixed_s(self) -> list[float]:
+        """Measured per call: everything but the UNet calls and the sampler steps between them."""
+        return [r["seconds"] - r["span"] - (self.gap_s() if r["calls"] else 0.0) for r in self.records]
+
+    def full_seconds(self) -> list[float]:
+        """Each rep's time at the full step count (as measured when it ran them all)."""
+        per_call = (self.unet_s if self.unet_s is not None else self.own_unet_s()) + self.gap_s()
+        return [fixed + self.full_calls * per_call for fixed in self.fixed_s()]
+
+    def images_per_s(self) -> list[float]:
+        return [self.images / s for s in self.full_seconds()]
+
+    def report(self) -> dict:
+        return {
+            "images_per_call": self.images, "calls_measured": [r["calls"] for r in self.records],
+            "calls_full": self.full_calls, "unet_call_s": summary(d for r in self.records for d in r["unet"]),
+            "unet_call_used_s": self.unet_s if self.unet_s is not None else self.own_unet_s(),
+            "sampler_step_s": self.gap_s(), "measured_s": summary(r["seconds"] for r in self.records),
+            "fixed_s": summary(self.fixed_s()), "full_s": summary(self.full_seconds()),
+            "images_per_s": summary(self.images_per_s()),
+            "extra": [{k: v for k, v in r.items() if k not in ("unet", "gaps")} for r in self.records],
+        }
+
+
+def pool_unet_time(a: Side, b: Side, same_batch: bool) -> None:
+    """Both sides extrapolate with the median UNet-call time over both (only when the batches match)."""
+    if same_batch:
+        pooled = summary([d for side in (a, b) for r in side.records for d in r["unet"]])["median"]
+        a.unet_s = b.unet_s = pooled
+
+
+def abba(reps: int):
+    """Order of the two sides over `reps` rounds: AB BA AB ... (a linear drift cancels)."""
+    for rep in range(reps):
+        yield (rep, ("a", "b") if rep % 2 == 0 else ("b", "a"))
+
+
+# ------------------------------------------------------------------ 3. class images
+def bench_class_images(pipe, cfg, model_dir: Path, device, clock: Clock, reps: int, short_steps: int | None,
+                       stock_steps: int = 50, stock_batch: int = 4) -> dict:
+    """images/s of `ensure_class_images` (the configured sampler, steps, batch) ÷ the stock pipeline's
+    default sampler at `stock_steps` and batch `stock_batch`, images written to disk on both sides."""
+    from personalize.class_images import ClassImageSpec, ensure_class_images
+    from personalize.models import make_sampler
+
+    ci = cfg.class_images
+    prompt = str(ci.prompt).format(class_noun=cfg.subject.class_noun)
+    resolution = int(cfg.model.resolution)
+    ours_steps, batch = int(ci.steps), int(ci.batch_size)
+    default_scheduler = pipe.scheduler  # the model's own (PNDM for SD 1.x / 2.x-base)
+    ours_sampler = make_sampler(pipe, str(ci.sampler)).scheduler
+    pipe.scheduler = default_scheduler
+    ours = Side("ours", batch, calls_at(ours_sampler, ours_steps))
+    stock = Side("stock", stock_batch, calls_at(default_scheduler, stock_steps))
+    calls = UNetCalls(pipe, clock)
+    work = Path(tempfile.mkdtemp(prefix="bench-class-images-"))
+    try:
+        def run_ours(rep: int) -> None:
+            spec = ClassImageSpec(
+                model=str(model_dir), revision=None, prompt=prompt, negative_prompt=str(ci.negative_prompt or ""),
+                sampler=str(ci.sampler), steps=short_steps or ours_steps, guidance_scale=float(ci.guidance_scale),
+                resolution=resolution, seed=int(ci.seed) + 1000 * rep,
+            )
+            calls.take()
+            start = clock()
+            ensure_class_images(spec, batch, work / f"ours-{rep}", lambda: pipe, batch_size=batch, device=device)
+            ours.add(clock() - start, calls.take())
+
+        def run_stock(rep: int) -> None:
+            # what the diffusers DreamBooth example does: the pipeline's default sampler and steps, batch 4
+            pipe.scheduler = default_scheduler
+            calls.take()
+            start = clock()
+            images = pipe([prompt] * stock_batch, num_inference_steps=short_steps or stock_steps,
+                          guidance_scale=float(ci.guidance_scale), height=resolution, width=resolution).images
+            for i, image in enumerate(images):
+                image.save(work / f"stock-{rep}-{i}.png")
+            stock.add(clock() - start, calls.take())
+
+        sides = {"a": run_ours, "b": run_stock}
+        for rep, order in abba(reps):
+            for side in order:
+                sides[side](rep)
+    finally:
+        calls.remove()
+        pipe.scheduler = default_scheduler
+        shutil.rmtree(work, ignore_errors=True)
+    pool_unet_time(ours, stock, same_batch=batch == stock_batch)
+    return {
+        "ours": dict(ours.report(), sampler=str(ci.sampler), steps=ours_steps, batch=batch),
+        "stock": dict(stock.report(), sampler=type(default_scheduler).__name__, steps=stock_steps, batch=stock_batch),
+        "short_steps": short_steps, "ratio": summary(ratios(ours.images_per_s(), stock.images_per_s())),
+    }
+
+
+# ------------------------------------------------------------------ 5. evaluation
+class _Accumulator:
+    """Wraps functions so that the seconds spent in each are summed under a name."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def wrap(self, name: str, fn):
+        def timed_fn(*args, **kwargs):
+            start = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return timed_fn
+
+    def take(self) -> dict:
+        out, self.seconds, self.counts = dict(self.seconds), {}, {}
+        return out
+
+
+METRIC_FUNCTIONS = ("build_metrics", "set_references", "update_metrics", "compute_metrics", "reset_metrics")
+
+
+@contextlib.contextmanager
+def instrumented_evaluation(acc: _Accumulator, clock: Clock, hooks: list):
+    """`evaluate_run` as it is, with the time of its parts summed: generation, metrics, encoders, pairs."""
+    from personalize import models
+    from personalize.eval import metrics
+    from personalize.eval.evaluate import Evaluator
+
+    real_load = models.load_pipeline
+
+    def load_pipeline(*args, **kwargs):
+        pipe = real_load(*args, **kwargs)
+        hooks.append(UNetCalls(pipe, clock))
+        return pipe
+
+    patches = [mock.patch.object(models, "load_pipeline", acc.wrap("load_pipeline", load_pipeline))]
+    patches += [mock.patch.object(metrics, name, acc.wrap(name, getattr(metrics, name))) for name in METRIC_FUNCTIONS]
+    for name in ("generate", "encoders", "evaluate_pair"):
+        patches.append(mock.patch.object(Evaluator, name, acc.wrap(name, getattr(Evaluator, name))))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | None) -> dict:
+    """Our evaluation (`evaluate_run`, one checkpoint x one batch of the `simple` protocol) ÷ a raw pipe call.
+
+    Ours: the generation part of an evaluated pair (the pair's time minus its metric time: generation,
+    PNG writes, grid, record). Raw: one `pipe(prompts, generator=...)` call on the same personalized
+    pipeline, same sampler, steps, batch and resolution. Metric share: the metric time of the pair
+    (update + compute) over the pair's time; loading CLIP/DINO and encoding the references happen once
+    per evaluation and are reported apart.
+    """
+    from omegaconf import OmegaConf
+
+    from personalize.checkpoints import apply_checkpoint
+    from personalize.eval.evaluate import EvalSettings, evaluate_run
+    from personalize.eval.protocols import build_protocol
+    from personalize.models import load_pipeline, make_sampler
+
+    settings = EvalSettings.from_cfg(eval_cfg)
+    batch, full_steps = settings.batch_size, settings.steps
+    short = short_steps or full_steps
+    eval_cfg = OmegaConf.merge(eval_cfg, {"protocols": ["simple"], "images_per_prompt": {"simple": batch},
+                                          "steps": short, "progress_bar": False, "every_checkpoint": False})
+    checkpoint = run.checkpoints()[-1]
+    resolution = int(run.cfg.model.resolution)
+    device, dtype = run.device, run.frozen_dtype
+
+    raw_pipe = make_sampler(load_pipeline(run.cfg.model, dtype=dtype), settings.sampler).to(device)
+    apply_checkpoint(raw_pipe, checkpoint)
+    raw_calls = UNetCalls(raw_pipe, clock)
+    full_calls = calls_at(raw_pipe.scheduler, full_steps)
+    info = run.module.checkpoint_info
+    protocol = build_protocol("simple", run.module.identifier, info["class_noun"], info.get("kind", "object"),
+                              batch, settings.seed, info.get("phrase"))
+    samples = list(protocol.samples())
+
+    ours, raw = Side("ours", batch, full_calls), Side("raw", batch, full_calls)
+    acc, hooks = _Accumulator(clock), []
+    parts = []
+
+    def run_ours(rep: int) -> None:
+        for stale in (run.run_dir / "metrics.jsonl", run.run_dir / "eval"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        with instrumented_evaluation(acc, clock, hooks):
+            start = clock()
+            evaluate_run(run.run_dir, eval_cfg, run_cfg=run.cfg, device=device, dtype=dtype)
+            total = clock() - start
+        took = acc.take()
+        stamps = hooks[-1].take()
+        for hook in hooks:
+            hook.remove()
+        hooks.clear()
+        pair_metrics = took.get("update_metrics", 0.0) + took.get("compute_metrics", 0.0) + took.get("reset_metrics", 0.0)
+        once_metrics = took.get("encoders", 0.0) + took.get("set_references", 0.0)
+        pair = took.get("evaluate_pair", 0.0)
+        parts.append(dict(took, evaluate_run=total, pair_metrics=pair_metrics, once_metrics=once_metrics))
+        ours.add(pair - pair_metrics, stamps, {"pair_s": pair, "pair_metrics_s": pair_metrics})
+
+    def run_raw(rep: int) -> None:
+        raw_calls.take()
+        start = clock()
+        generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in samples]
+        with torch.no_grad():
+            raw_pipe([s.prompt for s in samples], num_inference_steps=short, guidance_scale=settings.guidance_scale,
+                     generator=generators, height=resolution, width=resolution)
+        raw.add(clock() - start, raw_calls.take())
+
+    sides = {"a": run_ours, "b": run_raw}
+    try:
+        for rep, order in abba(reps):
+            for side in order:
+                sides[side](rep)
+    finally:
+        raw_calls.remove()
+    pool_unet_time(ours, raw, same_batch=True)
+    metric_s = [p["pair_metrics"] for p in parts]
+    ours_full = ours.full_seconds()  # generation part of each pair, at full steps
+    share = [m / (g + m) for m, g in zip(metric_s, ours_full)]
+    return {
+        "ours": ours.report(), "raw": raw.report(), "batch": batch, "steps": full_steps, "short_steps": short_steps,
+        "sampler": settings.sampler, "metrics": list(settings.metrics), "fid_features": settings.fid_features,
+        "ratio": summary(ratios(ours.images_per_s(), raw.images_per_s())),
+        "metric_share": summary(share), "metric_pair_s": summary(metric_s),
+        "metric_once_s": summary(p["once_metrics"] for p in parts), "parts": parts,
+        "evaluate_run_s": summary(p["evaluate_run"] for p in parts),
+    }
+

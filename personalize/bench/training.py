@@ -1,0 +1,460 @@
+"""Training-step figures of one method: ours ÷ floor, naive ÷ ours, peak memory, fixed costs.
+
+Ours is the real thing: `prepare_run` builds the run from the composed `train` config and
+`personalize.train.fit` itself trains it (its Trainer, callbacks, precision, logger, progress bar), with
+one callback of ours put first. That callback timestamps every step end; right after a timed step it
+runs one *floor* step (and every `naive_every` steps one *naive* step, alternating their order), so they
+are measured interleaved under the same machine load. Ours is the time from the end of the previous side
+step to the end of this step: the Lightning loop, the data loader, the logging and the callbacks are in it.
+
+The floor has the trainable set of the stage and nothing else: fixed noised latents, timesteps, targets
+and prompt embeddings already on the device; one step is `zero_grad`, UNet forward, MSE, backward and
+an optimizer step of the stage's algorithm in its fastest standard implementation (torch AdamW with
+`fused=True` where the stage uses torch AdamW; the stage's own optimizer otherwise, e.g. 8-bit AdamW).
+No gradient clipping, no logging, no data. When the text side trains (the new token, or the text
+encoder), the text-encoder forward of each distinct prompt is part of the floor, because the gradient
+must reach the token through it. Same precision (autocast) context as ours.
+
+The naive path is what the diffusers training examples do every step: tokenize the batch's prompts,
+VAE-encode the batch's pixels and run the text encoder on every example, then noise, UNet, loss (with
+the prior term), backward, gradient clipping and the stage's own optimizer (as configured).
+
+At the end of each stage the parts of the difference are timed alone (`components`): the stage's own
+optimizer step, the floor's, and the gradient clipping the method asks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from personalize.bench.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
+
+log = logging.getLogger(__name__)
+
+# What trains in a stage; the text side trains when the token or the text encoder does.
+TEXT_TRAINABLES = {"token", "text_encoder"}
+
+
+@dataclass
+class Plan:
+    warmup: int = 2  # steps of each path not timed at the start of each stage
+    steps: int = 8  # timed steps of each path per stage
+    class_images: int = 8  # placeholder class images (their content does not change the step time)
+    save_reps: int = 2  # timed checkpoint saves per stage
+    naive_every: int = 1  # one naive step after every n-th timed step (it is slower and only informative)
+    progress_bar: bool | None = None  # None: as the config says (the real default: on)
+
+
+# ------------------------------------------------------------------ the floor and the naive step
+class _Path:
+    """State shared by the floor and the naive step of one stage: its optimizer and precision."""
+
+    def __init__(self, module, stage, trainer):
+        self.module, self.stage = module, stage
+        self.device = module.device
+        # A fresh optimizer of the same kind, over the same parameters, as the stage's own.
+        self.optimizer = module.configure_optimizers()[module.stages.index(stage)]
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.context = trainer.precision_plugin.forward_context
+        self.scaler = torch.amp.GradScaler("cuda") if str(trainer.precision) in ("16-mixed", "16") else None
+        self.text_trains = bool(TEXT_TRAINABLES & set(stage.train))
+        self.prior = stage.prior_loss_weight > 0
+        self.batch = module.batch_size
+
+    def _ids(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.module.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)
+
+    def _backward_step(self, loss: torch.Tensor, clip: float = 0.0) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.optimizer.step()
+
+
+def fastest_equivalent(optimizer):
+    """The same update in its fastest standard implementation: torch AdamW -> AdamW(fused=True)."""
+    if type(optimizer) is not torch.optim.AdamW or optimizer.defaults.get("fused"):
+        return optimizer
+    group = optimizer.param_groups[0]
+    try:
+        return torch.optim.AdamW([p for g in optimizer.param_groups for p in g["params"]], lr=group["lr"],
+                                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return optimizer
+
+
+class FloorStep(_Path):
+    """UNet forward + backward + optimizer step on cached latents and embeddings (see the module doc)."""
+
+    def __init__(self, module, stage, trainer, latent_shape: tuple[int, int, int]):
+        super().__init__(module, stage, trainer)
+        self.optimizer = fastest_equivalent(self.optimizer)
+        n = self.batch * (2 if self.prior else 1)
+        g = torch.Generator().manual_seed(0)
+        self.noisy = torch.randn(n, *latent_shape, generator=g).to(self.device)
+        self.target = torch.randn(n, *latent_shape, generator=g).to(self.device)
+        self.timesteps = torch.randint(0, 1000, (n,), generator=g).to(self.device)
+        prompts = [module.instance_prompt] + ([module.class_prompt] if self.prior else [])
+        self.ids = self._ids(prompts)  # one row per distinct prompt
+        self.embeds = None
+        if not self.text_trains:
+            with torch.no_grad(), self.context():
+                self.embeds = self._encode()
+
+    def _encode(self) -> torch.Tensor:
+        hidden = self.module.text_encoder(self.ids)[0]
+        return hidden.repeat_interleave(self.batch, dim=0)  # [instance]*B (+ [class]*B)
+
+    def __call__(self) -> None:
+        unet = self.module.unet
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.context():
+            embeds = self._encode() if self.text_trains else self.embeds
+            pred = unet(self.noisy.to(unet.dtype), self.timesteps, embeds.to(unet.dtype)).sample
+            loss = F.mse_loss(pred.float(), self.target)
+        self._backward_step(loss)
+
+
+class NaiveStep(_Path):
+    """What the diffusers training examples do each step: VAE and text encoder on every example."""
+
+    def __init__(self, module, stage, trainer, instance_pixels: torch.Tensor, class_pixels: torch.Tensor | None,
+                 max_grad_norm: float):
+        super().__init__(module, stage, trainer)
+        self.instance_pixels, self.class_pixels = instance_pixels, class_pixels
+        self.max_grad_norm = max_grad_norm
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self) -> None:
+        m, b = self.module, self.batch
+        # the data loader's work: pick the examples, tokenize their prompts, move pixels to the device
+        pixels = self.instance_pixels[self.rng.integers(len(self.instance_pixels), size=b)]
+        prompts = [m.instance_prompt] * b
+        if self.prior:
+            pixels = torch.cat([pixels, self.class_pixels[self.rng.integers(len(self.class_pixels), size=b)]])
+            prompts += [m.class_prompt] * b
+        ids = self._ids(prompts)
+        pixels = pixels.to(self.device, m.vae.dtype)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.context():
+            with torch.no_grad():
+                latents = m.vae.encode(pixels).latent_dist.sample() * m.vae.config.scaling_factor
+            with contextlib.nullcontext() if self.text_trains else torch.no_grad():
+                embeds = m.text_encoder(ids)[0]
+            latents = latents.float()
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
+            noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = m.unet(noisy.to(m.unet.dtype), timesteps, embeds.to(m.unet.dtype)).sample.float()
+            loss = F.mse_loss(pred[:b], noise[:b])
+            if self.prior:
+                loss = loss + self.stage.prior_loss_weight * F.mse_loss(pred[b:], noise[b:])
+        self._backward_step(loss, clip=self.max_grad_norm)
+
+
+def components(floor: FloorStep, naive: NaiveStep, clock: Clock, reps: int = 3) -> dict:
+    """Seconds of the parts that differ between ours and the floor, each timed alone (median of `reps`).
+
+    Run right after a floor step, so the gradients are there (both paths train the same tensors): the
+    stage's own optimizer step (the naive path's), the floor's, and the clipping of the method's config.
+    """
+    import statistics
+
+    out = {"optimizer_own_s": statistics.median(timed(naive.optimizer.step, clock, reps)),
+           "optimizer_floor_s": statistics.median(timed(floor.optimizer.step, clock, reps)),
+           "optimizer_own": type(naive.optimizer).__name__ + _impl(naive.optimizer),
+           "optimizer_floor": type(floor.optimizer).__name__ + _impl(floor.optimizer)}
+    if naive.max_grad_norm:
+        out["clip_s"] = statistics.median(
+            timed(lambda: torch.nn.utils.clip_grad_norm_(naive.params, naive.max_grad_norm), clock, reps))
+    return out
+
+
+def _impl(optimizer) -> str:
+    d = optimizer.defaults
+    if d.get("fused"):
+        return " (fused)"
+    if d.get("foreach") or (d.get("foreach") is None and optimizer.param_groups[0]["params"][0].is_cuda):
+        return " (foreach)"
+    return " (for-loop)" if "foreach" in d else ""
+
+
+# ------------------------------------------------------------------ the callback that interleaves
+class SyncCounter:
+    """Host-device synchronisations inside our step (CUDA only), from torch's sync debug mode.
+
+    Counted over a step's whole cycle but for the benchmark's own work (`.item()`, `float(tensor)`, a
+    device-to-host copy... in the step, the other callbacks, Lightning's logger connector and progress
+    bar, the loop): each one stalls the CPU until the GPU has caught up, so launches cannot run ahead.
+    """
+
+    def __init__(self):
+        self._catcher = None
+        self._seen = None
+
+    def start(self) -> None:
+        import warnings
+
+        try:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._seen = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        except Exception:  # noqa: BLE001 - a diagnostic must never break the measurement
+            self._catcher = None
+
+    def stop(self) -> int | None:
+        if self._catcher is None:
+            return None
+        torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(None, None, None)
+        self._catcher = None
+        return sum("synchroniz" in str(w.message) for w in self._seen)
+
+
+class InterleavedTimer(L.Callback):
+    """Times each of our steps and, after each timed one, a floor step (and every `naive_every`-th time a
+    naive step; the order of the two alternates).
+
+    Per stage: `warmup` steps of ours untimed; then `warmup` floor and naive steps untimed; then for each
+    further step of ours its side steps. The peak memory of a stage is read before its floor and naive
+    steps first run, so it is what our training alone needs.
+    """
+
+    def __init__(self, plan: Plan, make_floor, make_naive, clock: Clock, device):
+        self.plan, self.make_floor, self.make_naive, self.clock, self.device = plan, make_floor, make_naive, clock, device
+        self.stages: dict[str, dict] = {}
+        self._resume = None  # when our loop got control back after the last side work
+        self._batch_start = None
+        self._stage = None
+        self._paths = None
+        self.syncs = SyncCounter() if torch.device(device).type == "cuda" else None
+        self._pending = None  # (stage record, syncs counted so far) of the step whose cycle is still counted
+
+    def on_train_start(self, trainer, module) -> None:
+        self._resume = self.clock()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        from personalize.methods.stages import stage_at
+
+        if self.syncs is not None and self._pending is not None:  # the rest of the previous step's cycle
+            rec, counted = self._pending
+            rest = self.syncs.stop()
+            if counted is not None and rest is not None:
+                rec.setdefault("syncs", []).append(counted + rest)
+            self._pending = None
+        stage = stage_at(module.stages, trainer.global_step)
+        if stage is not self._stage:
+            if self._stage is not None:  # a later stage: measure its memory from here
+                self._paths = None
+                reset_peak_memory(self.device)
+                self._resume = self.clock()
+            self._stage = stage
+            self.stages[stage.name] = {"train": list(stage.train), "prior": stage.prior_loss_weight > 0,
+                                       "rss_at_start_mb": rss_mb(), "ours": [], "ours_in_step": [],
+                                       "ours_loop": [], "floor": [], "naive": [], "naive_j": []}
+        self._batch_start = self.clock()
+        if self.syncs is not None and trainer.global_step - stage.start >= self.plan.warmup:
+            self.syncs.start()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        syncs = self.syncs.stop() if self.syncs is not None else None
+        end = self.clock()
+        stage = self._stage
+        k = trainer.global_step - 1 - stage.start  # index of this step within its stage
+        rec = self.stages[stage.name]
+        if k >= self.plan.warmup:
+            rec["ours"].append(end - self._resume)
+            rec["ours_in_step"].append(end - self._batch_start)
+            rec["ours_loop"].append(self._batch_start - self._resume)
+        if self._paths is None and k >= self.plan.warmup - 1:  # ours is warm: memory, then the side paths
+            rec.update(peak_memory(self.device))
+            floor, naive = self.make_floor(module, stage, trainer), self.make_naive(module, stage, trainer)
+            self._paths = (floor, naive)
+            for _ in range(max(self.plan.warmup, 1)):  # the first step allocates the optimizer state
+                floor()
+                naive()
+        if k >= self.plan.warmup:
+            floor, naive = self._paths
+            j = k - self.plan.warmup  # index of this timed step
+            sides = [("floor", floor)]
+            if j % self.plan.naive_every == 0:
+                sides.append(("naive", naive))
+                rec["naive_j"].append(j)
+            if (j // self.plan.naive_every) % 2:
+                sides.reverse()
+            for name, step in sides:
+                start = self.clock()
+                step()
+                rec[name].append(self.clock() - start)
+            if k == stage.steps - 1:  # the stage's last step: time the parts of the difference alone
+                rec["components"] = components(floor, naive, self.clock)
+        self._resume = self.clock()
+        if syncs is not None:  # count on through the other callbacks, the logger connector and the loop
+            self._pending = (rec, syncs)
+            self.syncs.start()
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.syncs is not None and self._pending is not None:
+            self.syncs.stop()
+            self._pending = None
+
+
+# ------------------------------------------------------------------ one method, end to end
+class _PlaceholderPipeline:
+    """Stands in for the base pipeline when a bench run needs class images: random-noise pictures.
+
+    Their content does not change the speed of a training step; generating real ones is timed apart.
+    """
+
+    def __init__(self):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler()
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, prompt, height=None, width=None, generator=None, **kwargs):
+        from PIL import Image
+
+        seeds = [g.initial_seed() for g in generator] if generator else range(len(prompt))
+        images = [Image.fromarray(np.random.default_rng(s).integers(0, 256, (height, width, 3), dtype=np.uint8))
+                  for s in seeds]
+        return SimpleNamespace(images=images)
+
+
+def compose_method(method: str, model_dir: Path, resolution: int, hardware: str, work_dir: Path, plan: Plan,
+                   overrides: list[str] = (), evaluation: list[str] | None = None):
+    """The `train` config of `method` on the bench model, with each stage shortened to the plan.
+
+    `evaluation`: overrides of conf/eval (None: eval=none). Also returns the method's stages and class
+    image count as configured, for the end-to-end figure.
+    """
+    from omegaconf import OmegaConf
+
+    from personalize.config import compose
+
+    eval_overrides = ["eval=none"] if evaluation is None else ["eval=default", *evaluation]
+    cfg = compose("train", [
+        f"method={method}", "subject=sample_dog", "model=sd21_base", f"model.name=bench-{Path(model_dir).name}",
+        f"model.pretrained={model_dir}", f"model.resolution={resolution}", f"hardware={hardware}", "logger=none",
+        *eval_overrides, f"paths.class_image_dir={work_dir / 'class_images'}", f"paths.log_dir={work_dir / 'logs'}",
+        *overrides,
+    ], output_dir=work_dir / "run")
+    configured = {"stages": OmegaConf.to_container(cfg.method.stages, resolve=True),
+                  "class_images": int(cfg.class_images.count)}
+    cfg.class_images.count = plan.class_images
+    for name in cfg.method.stages:
+        cfg.method.stages[name].steps = plan.warmup + plan.steps
+        cfg.method.stages[name].checkpoint_every = 0  # only the run's last step saves (timed apart, see TailClock)
+    if plan.progress_bar is not None:
+        cfg.trainer.progress_bar = plan.progress_bar
+    return cfg, configured
+
+
+class TailClock(L.Callback):
+    """Placed after every other callback: the time the run's own callbacks took at the last step.
+
+    At the run's last step `ArtifactCheckpoint` saves a checkpoint (artifacts + resume state), so this is
+    the real cost of one checkpoint.
+    """
+
+    def __init__(self, timer: InterleavedTimer):
+        self.timer = timer
+        self.last_callbacks_s = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.last_callbacks_s = self.timer.clock() - self.timer._resume
+
+
+def instrumented_fit(run, first: L.Callback | None = None, last: L.Callback | None = None):
+    """`personalize.train.fit` as it is, with `first` before and `last` after its own callbacks, and
+    without the sampling and evaluation that follow training (timed apart)."""
+    from personalize.train import fit
+
+    return fit(run, callbacks_before=[first] if first else [], callbacks_after=[last] if last else [],
+               sample=False, evaluate=False)
+
+
+def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, plan: Plan,
+                 overrides: list[str] = (), work_dir: Path | None = None) -> dict:
+    """Every training figure of one method (all of its stages), measured in this process."""
+    from personalize.data import load_subject_images
+    from personalize.train import prepare_run
+
+    own_dir = work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{method}-")) if own_dir else Path(work_dir)
+    try:
+        cfg, configured = compose_method(method, model_dir, resolution, hardware, work_dir, plan, overrides)
+        start = time.perf_counter()
+        with mock.patch("personalize.train.load_pipeline", lambda *a, **k: _PlaceholderPipeline()):
+            run = prepare_run(cfg)
+        prepare_s = time.perf_counter() - start
+        module, device = run.module, run.device
+        clock = Clock(device)
+
+        latent_shape = (4, resolution // 8, resolution // 8)
+        instance_pixels = load_subject_images(Path(str(cfg.subject.data_dir)), resolution)
+        class_pixels = torch.rand(plan.class_images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+        max_norm = float(cfg.method.optimizer.get("max_grad_norm") or 0)
+        timer = InterleavedTimer(
+            plan, lambda m, s, t: FloorStep(m, s, t, latent_shape),
+            lambda m, s, t: NaiveStep(m, s, t, instance_pixels, class_pixels, max_norm), clock, device,
+        )
+        tail = TailClock(timer)
+        fit_start = time.perf_counter()
+        instrumented_fit(run, timer, tail)
+        fit_s = time.perf_counter() - fit_start
+
+        # fixed costs: latent caching (per photo) and the artifacts of a checkpoint in each stage
+        flip = 2 if cfg.method.get("flip", False) else 1
+        prior = any(stage.prior_loss_weight > 0 for stage in module.stages)
+        n_images = (len(instance_pixels) + (plan.class_images if prior else 0)) * flip
+        cache_s = timed(module.cache_latents, clock, reps=2)
+        artifacts = {}
+        for stage in module.stages:
+            seconds = []
+            for i in range(plan.save_reps):
+                start = clock()
+                module.save_artifacts(work_dir / "saves" / f"{stage.name}-{i}", stage.end)
+                seconds.append(clock() - start)
+            contents = sorted(p.name for p in (work_dir / "saves" / f"{stage.name}-0").iterdir())
+            artifacts[stage.name] = {"seconds": seconds, "contents": contents}
+            shutil.rmtree(work_dir / "saves", ignore_errors=True)
+        return {
+            "method": method, "accelerator": run.accelerator, "precision": run.precision,
+            "device": str(device), "hardware": hardware, "batch_size": module.batch_size,
+            "configured": configured, "stages": timer.stages,
+            "prepare_s": prepare_s, "fit_s": fit_s, "threads": torch.get_num_threads(),
+            "latent_cache_s": min(cache_s), "latent_cache_images": n_images, "photos": len(instance_pixels) * flip,
+            "class_images_in_run": plan.class_images * flip if prior else 0,
+            "checkpoint_s": tail.last_callbacks_s, "artifacts_save": artifacts,
+        }
+    finally:
+        if own_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
