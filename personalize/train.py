@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,18 +198,25 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
         check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer))
 
 
-def fit(run: Run) -> Run:
+def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: Sequence[L.Callback] = (),
+        sample: bool = True, evaluate: bool = True) -> Run:
     """Train, saving checkpoints; then sample from the last one through the stock pipeline, evaluate every
-    checkpoint (conf/eval; see `evaluate_checkpoints`) and print the metrics per checkpoint."""
+    checkpoint (conf/eval; see `evaluate_checkpoints`) and print the metrics per checkpoint.
+
+    `callbacks_before`/`_after` run around the run's own callbacks (the benchmark times steps with them);
+    `sample`/`evaluate` switch off what follows training.
+    """
     cfg, module = run.cfg, run.module
-    check_evaluation(cfg)  # a bad eval config fails before training, not after
+    if evaluate:
+        check_evaluation(cfg)  # a bad eval config fails before training, not after
     records: list[dict] = []
     with finishing_wandb():
         logger = build_logger(cfg, run.run_dir)
         trainer = L.Trainer(
             accelerator=run.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=run.precision, max_steps=module.total_steps(),
-            callbacks=[ArtifactCheckpoint(run.run_dir, check_every=int(cfg.hardware.nan_check_every))],
+            callbacks=[*callbacks_before, ArtifactCheckpoint(run.run_dir, check_every=int(cfg.hardware.nan_check_every)),
+                       *callbacks_after],
             # resume states: safetensors + JSON (never pickle); the module's sampler splits data over ranks itself
             plugins=[SafetensorsCheckpointIO()], use_distributed_sampler=False,
             deterministic=cfg.hardware.get("deterministic", False),
@@ -217,8 +225,9 @@ def fit(run: Run) -> Run:
             default_root_dir=str(run.run_dir), num_sanity_val_steps=0,
         )
         trainer.fit(module, ckpt_path=run.resume_from)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and sample:
             write_samples(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
+        if trainer.is_global_zero and evaluate:
             records = evaluate_checkpoints(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
     log.info("run dir: %s", run.run_dir)
     if records:

@@ -260,7 +260,12 @@ class Personalizer(L.LightningModule):
                 return bnb.optim.AdamW8bit(params, **kwargs)
             except ImportError:
                 log.warning("hardware.optimizer=adamw8bit but bitsandbytes is not installed: using torch AdamW")
-        return torch.optim.AdamW(params, **kwargs)
+        try:
+            # one kernel for all tensors instead of a loop over them: the UNet has ~700 parameter tensors,
+            # and the per-tensor loop alone was 7% of a CPU training step (make bench, finetune)
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a device/dtype the fused kernel does not support
+            return torch.optim.AdamW(params, **kwargs)
 
     # ---------------------------------------------------------------- stages
     def _enter_stage(self, stage: Stage) -> None:
@@ -336,7 +341,8 @@ class Personalizer(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         optimizer.step()
 
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=n_instance)
+        # not prog_bar: Lightning would read it on the host (a device sync) after every step
+        self.log("train/loss", loss, on_step=True, batch_size=n_instance)
         self.log("train/instance_loss", instance_loss, on_step=True, batch_size=n_instance)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=n_instance)
         self.log("train/stage", float(self.stages.index(stage)), on_step=True, batch_size=n_instance)
