@@ -44,38 +44,42 @@ def resolve_pretrained(model_cfg) -> str:
 
 
 def _hub_kwargs(model_cfg) -> dict:
-    kwargs = {}
-    if model_cfg.get("revision"):
-        kwargs["revision"] = model_cfg.revision
-    if model_cfg.get("variant"):
-        kwargs["variant"] = model_cfg.variant
-    return kwargs
+    if model_cfg is None:
+        return {}
+    return {key: model_cfg[key] for key in ("revision", "variant") if model_cfg.get(key)}
 
 
 def _is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _load(loader, source: str, subfolder: str | None, model_cfg, **extra):
-    """`loader.from_pretrained` that first tries the local cache, so no network is touched when cached."""
+def load_pretrained(loader, source: str, subfolder: str | None = None, model_cfg=None, **extra):
+    """`loader.from_pretrained` that first tries the local cache, so no network is touched when cached.
+
+    A model neither cached nor downloadable is one `PersonalizeError` naming it and how to fetch it.
+    `model_cfg` (optional) brings the revision and variant.
+    """
     kwargs = dict(_hub_kwargs(model_cfg), **extra)
     if subfolder:
         kwargs["subfolder"] = subfolder
     if Path(source).exists():
         return loader.from_pretrained(source, **kwargs)
+    if source.startswith(("/", ".", "~")):  # a folder, not a hub id: the hub cannot help
+        raise PersonalizeError(f"model folder '{source}' does not exist: point the config at a folder written "
+                               "by save_pretrained, or at a hub id")
     try:
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as cached_error:
         if _is_offline():
-            raise _not_available(source, model_cfg) from cached_error
+            raise model_not_available(source, model_cfg) from cached_error
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
-        raise _not_available(source, model_cfg) from error
+        raise model_not_available(source, model_cfg) from error
 
 
-def _not_available(source: str, model_cfg) -> PersonalizeError:
-    revision = f" --revision {model_cfg.revision}" if model_cfg.get("revision") else ""
+def model_not_available(source: str, model_cfg=None) -> PersonalizeError:
+    revision = f" --revision {model_cfg.revision}" if model_cfg is not None and model_cfg.get("revision") else ""
     return PersonalizeError(
         f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached: run "
         f"`hf download {source}{revision}` on a machine with network (or set model.pretrained to a local "
@@ -93,12 +97,12 @@ def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_pretrained(model_cfg)
-    tokenizer = _load(CLIPTokenizer, source, "tokenizer", model_cfg)
+    tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", model_cfg)
     fp32 = torch.float32
-    text_encoder = _load(CLIPTextModel, source, "text_encoder", model_cfg, dtype=dtypes.get("text_encoder", fp32))
-    vae = _load(AutoencoderKL, source, "vae", model_cfg, dtype=dtypes.get("vae", fp32))
-    unet = _load(UNet2DConditionModel, source, "unet", model_cfg, dtype=dtypes.get("unet", fp32))
-    noise_scheduler = _load(DDPMScheduler, source, "scheduler", model_cfg)
+    text_encoder = load_pretrained(CLIPTextModel, source, "text_encoder", model_cfg, dtype=dtypes.get("text_encoder", fp32))
+    vae = load_pretrained(AutoencoderKL, source, "vae", model_cfg, dtype=dtypes.get("vae", fp32))
+    unet = load_pretrained(UNet2DConditionModel, source, "unet", model_cfg, dtype=dtypes.get("unet", fp32))
+    noise_scheduler = load_pretrained(DDPMScheduler, source, "scheduler", model_cfg)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
@@ -107,7 +111,7 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
     from diffusers import StableDiffusionPipeline
 
     source = resolve_pretrained(model_cfg)
-    pipe = _load(
+    pipe = load_pretrained(
         StableDiffusionPipeline, source, None, model_cfg, dtype=dtype,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components,
     )

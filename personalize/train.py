@@ -169,9 +169,9 @@ def check_model(cfg: DictConfig) -> None:
     is a few bytes, and loads through the same path (local folder, cache, hub) as the weights."""
     from diffusers import DDPMScheduler
 
-    from personalize.models import _load
+    from personalize.models import load_pretrained
 
-    _load(DDPMScheduler, resolve_pretrained(cfg.model), "scheduler", cfg.model)
+    load_pretrained(DDPMScheduler, resolve_pretrained(cfg.model), "scheduler", cfg.model)
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:
@@ -189,12 +189,12 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
         from transformers import CLIPTokenizer
 
         from personalize.methods.token import check_new_token
-        from personalize.models import _load, _not_available
+        from personalize.models import load_pretrained, model_not_available
 
         source = resolve_pretrained(cfg.model)
-        tokenizer = _load(CLIPTokenizer, source, "tokenizer", cfg.model)
+        tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg.model)
         if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
-            raise _not_available(source, cfg.model)
+            raise model_not_available(source, cfg.model)
         check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer))
 
 
@@ -206,9 +206,7 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
     `callbacks_before`/`_after` run around the run's own callbacks (the benchmark times steps with them);
     `sample`/`evaluate` switch off what follows training.
     """
-    cfg, module = run.cfg, run.module
-    if evaluate:
-        check_evaluation(cfg)  # a bad eval config fails before training, not after
+    cfg, module = run.cfg, run.module  # prepare_run has checked the eval config: it fails before training
     records: list[dict] = []
     with finishing_wandb():
         logger = build_logger(cfg, run.run_dir)

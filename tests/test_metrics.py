@@ -207,7 +207,7 @@ def test_metric_state_dict_holds_no_model_weights(standins):
 def test_unknown_names_are_clear_errors(standins):
     with pytest.raises(PersonalizeError, match="unknown metric"):
         M.build_metrics(["clip-i"], *standins)
-    with pytest.raises(PersonalizeError, match="cannot load evaluation model"):
+    with pytest.raises(PersonalizeError, match="missing' does not exist"):
         M.ClipEncoder(standins[0].parent / "missing")
 
 

@@ -157,15 +157,11 @@ def _normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> T
 
 
 def _load(cls: Any, name: str | os.PathLike, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(name)`, with a one-line error when the model is not there (e.g. offline)."""
-    try:
-        return cls.from_pretrained(str(name), **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PersonalizeError(
-            f"cannot load evaluation model '{name}' ({first}); offline, use the tiny stand-ins "
-            "(model=tiny) or put the model in the Hugging Face cache first"
-        ) from err
+    """`cls.from_pretrained(name)` through the project's loader: the local cache first (no network when
+    cached), one line naming the model and how to fetch it when it is not there."""
+    from personalize.models import load_pretrained
+
+    return load_pretrained(cls, str(name), **kwargs)
 
 
 def _preprocessor_config(name: str | os.PathLike) -> dict[str, Any]:
