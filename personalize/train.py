@@ -31,11 +31,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_hardware(hw: DictConfig) -> tuple[str, str, torch.dtype]:
     """(accelerator, precision, dtype of frozen parts) with `auto` decided by what this machine has."""
+    from personalize.errors import PersonalizeError
+
     cuda = torch.cuda.is_available()
     accelerator = hw.accelerator if hw.accelerator != "auto" else ("gpu" if cuda else "cpu")
     if accelerator == "gpu" and not cuda:
-        from personalize.errors import PersonalizeError
-
         raise PersonalizeError(f"hardware={hw.name} needs a CUDA GPU but none is visible: use hardware=cpu (or auto)")
     precision = str(hw.precision)
     if precision == "auto":
@@ -43,6 +43,13 @@ def resolve_hardware(hw: DictConfig) -> tuple[str, str, torch.dtype]:
     frozen = str(hw.frozen_dtype)
     if frozen == "auto":
         frozen = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision, "float32")
+    uses_fp16 = precision in ("16-mixed", "16-true") or frozen == "float16"
+    if accelerator == "cpu" and uses_fp16:
+        # CPU autocast runs layer norms in fp32, which then meet fp16 weights: fp16 is a GPU setting
+        raise PersonalizeError(
+            f"hardware.precision={precision} with frozen_dtype={frozen} does not run on CPU: "
+            "use hardware.precision=bf16-mixed hardware.frozen_dtype=bfloat16 (or 32-true/float32)"
+        )
     return accelerator, precision, _DTYPES[frozen]
 
 

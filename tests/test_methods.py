@@ -111,3 +111,30 @@ def test_textual_inversion_only_adds_one_row(make_cfg, tiny_model_dir):
     dog = base[base_tokenizer.convert_tokens_to_ids("dog</w>")]
     assert torch.equal(table[-1], dog)  # initialised from the class noun; the trained value lives apart
     assert not torch.equal(run.module.token_embedding.new_rows[0].detach(), dog)
+
+
+@pytest.mark.parametrize("method", ["two_stage", "lora"])
+def test_bf16_autocast_keeps_trained_weights_fp32_and_frozen_parts_bf16(method, make_cfg, tiny_model_dir):
+    # CPU bf16 autocast runs the same mixed-precision path as hardware=gpu_bf16 (frozen parts in bf16,
+    # what trains in fp32 master weights, gradient clipping through Lightning's precision plugin)
+    run = prepare_run(make_cfg(f"method={method}", "subject=sample_dog", *SHORT_RUNS[method], "eval=none",
+                               "hardware.precision=bf16-mixed", "hardware.frozen_dtype=bfloat16"))
+    module = run.module
+    assert module.vae.dtype == torch.bfloat16
+    fit(run)
+    trained = [module.token_embedding.new_rows] if module.token_embedding is not None else []
+    trained += [p for n, p in module.unet.named_parameters() if method == "two_stage" or "lora_" in n]
+    assert all(p.dtype == torch.float32 for p in trained)
+    if method == "lora":
+        assert module.text_encoder.dtype == torch.bfloat16
+    ckpt = run.checkpoints()[-1]
+    pipe = stock_pipeline(tiny_model_dir, ckpt)  # saved fp32, loads into the fp32 stock pipeline
+    image = pipe(module.instance_prompt, num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()
+
+
+def test_fp16_on_cpu_is_a_clear_error(make_cfg):
+    from personalize.errors import PersonalizeError
+
+    with pytest.raises(PersonalizeError, match="does not run on CPU: use hardware.precision=bf16-mixed"):
+        prepare_run(make_cfg("method=finetune", "hardware.precision=16-mixed", "hardware.frozen_dtype=float16"))
