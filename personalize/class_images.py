@@ -113,19 +113,16 @@ def generation_lock(folder: Path):
 @torch.no_grad()
 def _generate(pipe, spec: ClassImageSpec, folder: Path, indices: list[int], batch_size: int, device) -> None:
     from personalize.models import make_sampler
+    from personalize.sample import seeded_images
 
     make_sampler(pipe, spec.sampler)
     pipe.to(device)
     bar = tqdm(total=len(indices), desc="class images", unit="img")
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
-        # one generator per image: image i is the same whatever the batch it lands in
-        generators = [torch.Generator("cpu").manual_seed(spec.seed + i) for i in chunk]
-        images = pipe(
-            [spec.prompt] * len(chunk), negative_prompt=[spec.negative_prompt] * len(chunk) if spec.negative_prompt else None,
-            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-            height=spec.resolution, width=spec.resolution, generator=generators,
-        ).images
+        # image i comes from seed + i: the same whatever the batch it lands in
+        images = seeded_images(pipe, [spec.prompt] * len(chunk), [spec.seed + i for i in chunk], spec.steps,
+                               spec.guidance_scale, spec.resolution, spec.negative_prompt)
         for i, image in zip(chunk, images):
             atomic_save_image(image, image_path(folder, i))
         bar.update(len(chunk))

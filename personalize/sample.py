@@ -19,17 +19,29 @@ def format_prompt(template: str, info: dict) -> str:
 
 
 @torch.no_grad()
+def seeded_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+                  resolution: int | None = None, negative_prompt: str = "") -> list:
+    """One PIL image per (prompt, seed), each drawn from its own CPU generator.
+
+    So an image depends only on its prompt and seed, never on the batch it was generated in: class
+    images, samples and evaluation images are the same at any batch size, and a resumed job matches.
+    """
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    return pipe(
+        list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+        height=resolution, width=resolution,
+    ).images
+
+
 def generate(pipe, prompts: list[str], num_images: int, seed: int = 0, steps: int = 25,
              guidance_scale: float = 7.5, batch_size: int = 4, resolution: int | None = None):
     """Yield (prompt_index, image_index, PIL image) for every prompt × image, batched across prompts."""
     jobs = [(p, j) for p in range(len(prompts)) for j in range(num_images)]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j in chunk]
-        images = pipe(
-            [prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-            generator=generators, height=resolution, width=resolution,
-        ).images
+        images = seeded_images(pipe, [prompts[p] for p, _ in chunk], [seed + j for _, j in chunk], steps,
+                               guidance_scale, resolution)
         for (p, j), image in zip(chunk, images):
             yield p, j, image
 

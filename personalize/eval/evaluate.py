@@ -398,12 +398,10 @@ class Evaluator:
     @torch.no_grad()
     def generate(self, samples: Sequence) -> list:
         """PIL images for protocol samples, one CPU generator per image seeded with the sample's seed."""
-        resolution = int(self.model_cfg.resolution)
-        generators = [torch.Generator("cpu").manual_seed(int(s.seed)) for s in samples]
-        return self.pipeline()(
-            [s.prompt for s in samples], num_inference_steps=self.settings.steps,
-            guidance_scale=self.settings.guidance_scale, generator=generators, height=resolution, width=resolution,
-        ).images
+        from personalize.sample import seeded_images
+
+        return seeded_images(self.pipeline(), [s.prompt for s in samples], [s.seed for s in samples],
+                             self.settings.steps, self.settings.guidance_scale, int(self.model_cfg.resolution))
 
     def base_images(self, protocol) -> list:
         """The prior protocol's images from the base model, from (or into) the shared class-image cache.
