@@ -236,6 +236,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(make_cfg):
     quick = ("method=finetune", "subject=sample_dog", "method.stages.unet.steps=4", "method.stages.unet.checkpoint_every=2",
              "logger=wandb_offline", "eval=none")
     first = train(make_cfg(*quick))
+    # wandb names offline run folders to the second; a real resume comes long after the crash
+    time.sleep(1.1)
     train(make_cfg(*quick, f"resume={first.run_dir}", name="again"))
     ids = {p.name.rsplit("-", 1)[-1] for p in offline_runs(first.run_dir)}
     assert len(offline_runs(first.run_dir)) == 2 and len(ids) == 1, offline_runs(first.run_dir)
