@@ -51,12 +51,15 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
     os.environ.setdefault("WANDB_SILENT", "true")
     offline = cfg.logger.mode == "offline"
-    return WandbLogger(
+    logger = WandbLogger(
         name=run_name(cfg), project=cfg.logger.project, entity=cfg.logger.get("entity"),
         group=str(cfg.group), tags=[cfg.method.name, cfg.subject.name, cfg.model.name, *cfg.get("tags", [])],
         save_dir=str(run_dir), offline=offline, config=resolved_config(cfg), job_type=str(cfg.task_name),
         id=run_id(run_dir, str(cfg.task_name)), resume="allow",
     )
+    # Lightning always passes anonymous=None, and wandb warns about the setting whatever its value
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 @contextlib.contextmanager
