@@ -17,10 +17,21 @@ import torch
 
 from personalize.errors import PersonalizeError
 
+CONFIG_FILE = "config.yaml"  # a run dir's resolved config, written once when the run begins
 INFO_FILE = "checkpoint.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def load_run_config(run_dir: Path):
+    """The resolved config a run began with (its `config.yaml`), as a DictConfig."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise PersonalizeError(f"'{run_dir}' has no {CONFIG_FILE}: pass a run dir written by `personalize`")
+    return OmegaConf.load(path)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from omegaconf import OmegaConf
 
+from personalize.checkpoints import CONFIG_FILE, load_run_config
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir, atomic_write_text
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
-CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -195,8 +195,8 @@ def _structure(config: dict) -> dict:
     }
 
 
-def load_run_config(run_dir: Path) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG_FILE))
+def _saved_config(run_dir: Path) -> dict:
+    return OmegaConf.to_container(load_run_config(run_dir))
 
 
 def _candidates(log_dir: Path, task_name: str) -> list[Path]:
@@ -214,7 +214,7 @@ def find_run(cfg, config: dict) -> Path | None:
         wanted = _identity(config)
         for run_dir in _candidates(Path(cfg.paths.log_dir), str(cfg.task_name)):
             try:
-                if _identity(load_run_config(run_dir)) == wanted:
+                if _identity(_saved_config(run_dir)) == wanted:
                     return run_dir
             except Exception as error:  # an unreadable config.yaml is not a run to continue
                 log.warning("skipping '%s' while looking for a run to resume: %s", run_dir, error)
@@ -226,7 +226,7 @@ def find_run(cfg, config: dict) -> Path | None:
             f"resume={resume}: not a run dir of `personalize` (no {CONFIG_FILE}): pass a folder under "
             f"{cfg.paths.log_dir}/{cfg.task_name}/runs, or resume=true for the newest run with these settings"
         )
-    check_compatible(load_run_config(run_dir), config, run_dir)
+    check_compatible(_saved_config(run_dir), config, run_dir)
     return run_dir
 
 

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import Subject, center_crop_resize, load_subject_images, open_rgb, to_tensor
 from personalize.io import atomic_write_text
@@ -157,8 +158,8 @@ def prepare_run(cfg: DictConfig) -> Run:
         if rank_zero:  # what a killed writer left there is never read; free the disk
             remove_stale_temps(run_dir, recursive=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero and not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it began with
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if rank_zero and not (run_dir / CONFIG_FILE).exists():  # a resumed run keeps the config it began with
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     log.info("%s on %s (%d photos): '%s'", cfg.method.name, subject.name, len(images), prompts["instance"])
 

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from personalize.checkpoints import load_run_config
 from personalize.errors import PersonalizeError
 from personalize.io import read_jsonl
 
@@ -264,13 +265,6 @@ def image_name(prompt_index: int, image_index: int) -> str:
 
 def protocol_dir(run_dir: Path, checkpoint: Path, protocol: str) -> Path:
     return Path(run_dir) / EVAL_DIR / Path(checkpoint).name / protocol
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise PersonalizeError(f"'{run_dir}' has no config.yaml: pass a run dir written by `personalize`")
-    return OmegaConf.load(path)
 
 
 def reference_images(run_cfg: DictConfig) -> list:

@@ -40,7 +40,7 @@ class StepIndices(Dataset):
     """Item i = (instance image index, class image index): the data of one example of one step.
 
     The photos themselves are cached latents inside the module; the loader only decides which ones a
-    step sees, so shuffling, seeding and the DDP split are Lightning's usual machinery.
+    step sees, in the order StepSampler gives (seeded, split over ranks, resumable).
     """
 
     def __init__(self, length: int, num_instance: int, num_class: int):
@@ -226,7 +226,7 @@ class Personalizer(L.LightningModule):
             self._latents[name] = (torch.cat(means) * scale, torch.cat(stds) * scale)
 
     def train_dataloader(self) -> DataLoader:
-        total_steps = self.stages[-1].end
+        total_steps = self.total_steps()
         flip = 2 if self.method_cfg.get("flip", False) else 1
         num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
         world, rank = self._ranks()
@@ -399,9 +399,13 @@ class Personalizer(L.LightningModule):
             group["lr"] = stage.lr * factor
 
     # ---------------------------------------------------------------- resume states
+    def stages_begun(self, step: int) -> list[Stage]:
+        """The stages begun before global step `step`: what a checkpoint or resume state at `step` holds."""
+        return [s for s in self.stages if s.start < step]
+
     def trained_names(self, step: int) -> set[str]:
         """State-dict names of the parameters trained in the stages begun before global step `step`."""
-        ids = {id(p) for s in self.stages if s.start < step for p in self._trainable_params(s)}
+        ids = {id(p) for s in self.stages_begun(step) for p in self._trainable_params(s)}
         return {name for name, param in self.named_parameters() if id(param) in ids}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -422,7 +426,7 @@ class Personalizer(L.LightningModule):
     # ---------------------------------------------------------------- artifacts
     def trained_until(self, step: int) -> set[str]:
         """What has trained in the stages begun before global step `step`."""
-        return {t for s in self.stages if s.start < step for t in s.train}
+        return {t for s in self.stages_begun(step) for t in s.train}
 
     @torch.no_grad()
     def save_artifacts(self, ckpt_dir: Path, step: int) -> Path:
