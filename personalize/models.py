@@ -119,18 +119,23 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
     return pipe
 
 
+# Sampler names of the configs (samples/class_images/eval.sampler) -> diffusers scheduler class; the
+# config schema checks the names against these before anything runs.
+SAMPLERS = {
+    "dpm_multistep": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
 def make_sampler(pipe, name: str):
     """Swap the pipeline's scheduler for a named sampler built from the model's own schedule config."""
     import diffusers
 
-    classes = {
-        "dpm_multistep": "DPMSolverMultistepScheduler",
-        "ddim": "DDIMScheduler",
-        "pndm": "PNDMScheduler",
-        "euler": "EulerDiscreteScheduler",
-        "euler_a": "EulerAncestralDiscreteScheduler",
-        "unipc": "UniPCMultistepScheduler",
-    }
+    classes = SAMPLERS
     if name not in classes:
         raise PersonalizeError(f"unknown sampler '{name}': choose one of {', '.join(classes)}")
     pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
