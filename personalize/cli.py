@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from personalize.config import CONF_DIR as _CONF_DIR
 from personalize.errors import PersonalizeError
+import personalize.help  # noqa: F401 - registers the resolver of every entry point's --help text
 from personalize.schema import checked_cli
 
 CONF_DIR = str(_CONF_DIR)

@@ -152,6 +152,8 @@ def preflight(config_name: str, argv: list[str]) -> None:
             args, _ = get_args_parser().parse_known_args(argv)
     except SystemExit:  # not a command line Hydra accepts either: let it say why
         return
+    if args.shell_completion:  # `-sc install=bash` / `-sc query=bash`: words for Hydra, not overrides
+        return
     config_name = args.config_name or config_name
     if args.config_path or args.config_dir or not (Path(CONF_DIR) / f"{config_name}.yaml").exists():
         return  # a config from elsewhere: Hydra checks it
