@@ -2,7 +2,11 @@
 
 `checkpoints/step-000200/` holds exactly what trained up to that step and nothing else:
 - `learned_embeds.safetensors` ({token: tensor[dim]}) -> `pipe.load_textual_inversion(dir)`
-- `pytorch_lora_weights.safetensors` (`unet.`-prefixed diffusers keys) -> `pipe.load_lora_weights(dir)`
+- `pytorch_lora_weights.safetensors` (`unet.`-prefixed diffusers keys) -> `pipe.load_lora_weights(dir)`;
+  its header holds the adapter's LoraConfig under `lora_adapter_metadata`, as diffusers writes it, so the
+  loader rebuilds the trained rank and alpha. A file written before that (no metadata) still loads, with
+  alpha = rank as diffusers assumes: the trained model only if the run had method.lora.alpha = rank
+  (`apply_checkpoint` warns when it cannot tell or the run's config says otherwise).
 - `unet/` and `text_encoder/` via `save_pretrained` -> `X.from_pretrained(dir / "unet")`
 - `checkpoint.json`: step, stage, base model, prompt, identifier: what a sampler needs to know.
 """
@@ -10,12 +14,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 from personalize.errors import PersonalizeError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"  # a run dir's resolved config, written once when the run begins
 INFO_FILE = "checkpoint.json"
@@ -76,6 +83,9 @@ def apply_checkpoint(pipe, ckpt_dir: Path):
 
     Safe to call repeatedly on the same pipeline (evaluating checkpoint after checkpoint): a token that
     is already in the tokenizer gets its embedding row overwritten, and earlier LoRA weights are unloaded.
+    A LoRA comes back with the rank and alpha it trained with (the file's adapter metadata); a file from
+    before that metadata was saved loads with alpha = rank, as it always did, with a warning where that may
+    not be what trained.
     """
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -101,9 +111,33 @@ def apply_checkpoint(pipe, ckpt_dir: Path):
         pipe.unload_lora_weights()
         pipe._personalize_lora = False
     if (ckpt_dir / LORA_FILE).exists():
+        _warn_if_lora_scale_unknown(ckpt_dir)
+        # the stock loader reads rank and alpha from the file's adapter metadata (see the module docstring)
         pipe.load_lora_weights(str(ckpt_dir), weight_name=LORA_FILE)
         pipe._personalize_lora = True
     return pipe
+
+
+def _warn_if_lora_scale_unknown(ckpt_dir: Path) -> None:
+    """A LoRA file without adapter metadata loads with alpha = rank; say so unless the run's config shows that
+    is what trained (alpha = rank, the default), so an old checkpoint of an alpha != rank run is not silently
+    evaluated as another model."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(ckpt_dir / LORA_FILE, "pt") as f:
+        if LORA_ADAPTER_METADATA_KEY in (f.metadata() or {}):
+            return
+    run_dir = ckpt_dir.parent.parent  # <run>/checkpoints/step-NNNNNN
+    lora = load_run_config(run_dir).method.get("lora") if (run_dir / CONFIG_FILE).exists() else None
+    if lora is not None and float(lora.alpha) == float(lora.rank):
+        return
+    if lora is not None:
+        why = f"its run trained method.lora.alpha={lora.alpha} with rank={lora.rank}: this is not the trained model"
+    else:
+        why = f"no {CONFIG_FILE} beside it tells the trained alpha: the model is the trained one only if alpha was = rank"
+    log.warning("%s has no LoRA adapter metadata (written before alpha was saved), so it loads with alpha = rank; %s",
+                ckpt_dir / LORA_FILE, why)
 
 
 def load_checkpoint_pipeline(ckpt_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

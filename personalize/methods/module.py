@@ -155,13 +155,15 @@ class Personalizer(L.LightningModule):
                 self.text_encoder.gradient_checkpointing_enable()
 
     # ---------------------------------------------------------------- setup
+    LORA_ADAPTER = "default"  # the one PEFT adapter on the UNet; its config is saved with the weights
+
     def _add_lora(self, lora_cfg) -> None:
         from peft import LoraConfig
 
         self.unet.add_adapter(LoraConfig(
             r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.get("dropout", 0.0)),
             init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules),
-        ))
+        ), adapter_name=self.LORA_ADAPTER)
         for name, param in self.unet.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
@@ -460,9 +462,15 @@ class Personalizer(L.LightningModule):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.LORA_ADAPTER))
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        # The tensors alone do not say alpha: without the adapter's LoraConfig, load_lora_weights rebuilds it
+        # with alpha = rank (scale 1), another model whenever method.lora.alpha != rank. diffusers' own
+        # training scripts save the whole config the same way; it lands in the safetensors header under
+        # `lora_adapter_metadata` and load_lora_weights builds the adapter from it (rank, alpha, targets).
+        metadata = self.unet.peft_config[self.LORA_ADAPTER].to_dict()
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=metadata)
 
     def _save_text_encoder(self, folder: Path) -> None:
         wrapped = self.text_encoder.get_input_embeddings()
