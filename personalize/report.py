@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,6 +33,8 @@ from omegaconf import DictConfig
 
 from personalize.errors import PersonalizeError
 from personalize.io import read_jsonl
+# The page's helpers, re-exported: the notebook and users find a run's selected images here.
+from personalize.report_html import PageSettings, eval_folder, eval_images, selected_step, write_page  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,7 @@ class RunInfo:
     mtime: float = 0.0
     records: list[dict] = field(default_factory=list)
     source: str = "local"
+    subject_dir: str | None = None  # the subject's photos, as the run's config names them (the HTML page shows them)
 
     @property
     def key(self) -> tuple:
@@ -244,6 +248,7 @@ def read_run(run_dir: Path) -> RunInfo | None:
         run_dir=str(run_dir), group=None if config.get("group") is None else str(config.get("group")),
         method=(config.get("method") or {}).get("name"), subject=(config.get("subject") or {}).get("name"),
         seed=int(seed) if isinstance(seed, int) else None, status="incomplete",
+        subject_dir=_subject_dir(config),
     )
     stamps = [p.stat().st_mtime for p in (config_path, run_dir / METRICS_FILE, run_dir / FAILED_FILE) if p.exists()]
     info.mtime = max(stamps)
@@ -261,6 +266,11 @@ def read_run(run_dir: Path) -> RunInfo | None:
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         info.status = "not evaluated"
     return info
+
+
+def _subject_dir(config: dict) -> str | None:
+    folder = (config.get("subject") or {}).get("data_dir")
+    return None if folder in (None, "") else str(folder)
 
 
 def find_local_runs(roots: Iterable[str | Path], group: str | None = None) -> list[RunInfo]:
@@ -311,6 +321,7 @@ def find_wandb_runs(project: str, group: str, entity: str | None = None, api=Non
             seed=int(seed) if isinstance(seed, int) else None, status=status,
             error=f"W&B state {state}" if status == "failed" else None,
             mtime=pd.Timestamp(stamp).timestamp() if stamp else 0.0, records=records, source="wandb",
+            subject_dir=_subject_dir(config),
         ))
     return runs
 
@@ -663,27 +674,6 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def selected_step(report: Report, method: str, subject: str, protocol: str) -> int | None:
-    """The stage step the report selected for (method, subject, protocol), if any."""
-    part = report.subjects[(report.subjects.method == method) & (report.subjects.subject == subject)
-                           & (report.subjects.protocol == protocol)]
-    if part.empty:
-        return None
-    step = part.stage_step.iloc[0]
-    return int(step) if str(step).isdigit() else int(str(step).split("/")[0])
-
-
-def eval_images(run: RunInfo, protocol: str, stage_step: int | None = None) -> list[Path]:
-    """The images the evaluation generated for a run's checkpoint (by stage step; default the last) and protocol."""
-    records = [r for r in run.records if r["protocol"] == protocol
-               and (stage_step is None or r.get("stage_step") == stage_step)]
-    if not records or run.source != "local":
-        return []
-    record = max(records, key=lambda r: r["step"])
-    folder = Path(run.run_dir) / "eval" / str(record.get("checkpoint") or f"step-{int(record['step']):06d}") / protocol
-    return sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
-
-
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -730,7 +720,8 @@ def make_report(cfg: DictConfig, runs: Sequence[RunInfo] | None = None) -> Repor
 
 
 def log_to_wandb(cfg: DictConfig, report: Report, paths: dict[str, Path]) -> None:
-    """The plot and the table as a W&B run of the sweep's group (job_type=report), when a logger is on."""
+    """The plot and the table as a W&B run of the sweep's group (job_type=report), when a logger is on;
+    the HTML page (`paths["html"]`) as report/page and as an artifact of type "report"."""
     if cfg.logger.backend == "none":
         return
     import wandb
@@ -749,15 +740,32 @@ def log_to_wandb(cfg: DictConfig, report: Report, paths: dict[str, Path]) -> Non
                                    "report/subjects": wandb.Table(dataframe=report.subjects.astype(str))}
         if "plot" in paths:
             payload["report/metrics_vs_step"] = wandb.Image(str(paths["plot"]))
+        if "html" in paths:
+            # inject=False: W&B's default adds a stylesheet link from its servers; the page stays self-contained
+            payload["report/page"] = wandb.Html(str(paths["html"]), inject=False)
+            artifact = wandb.Artifact(_artifact_name(f"report-{cfg.group}"), type="report",
+                                      description=f"{report.spec.name}: the report as one self-contained HTML page")
+            artifact.add_file(str(paths["html"]))
+            run.log_artifact(artifact)
         run.log(payload)
         run.summary["missing_cells"] = int(len(report.missing))
 
 
+def _artifact_name(name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.' only."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+
+
 def report(cfg: DictConfig) -> Report:
     """The `personalize-report` task: collect, select, print, write, log."""
+    page = PageSettings.from_cfg(cfg.report.get("html"))  # its numbers are checked before any run is read
     result = make_report(cfg)
+    page = page.for_report(result)  # and its protocol before anything is written
     print(result.markdown)
     paths = write_report(result, Path(cfg.report.out_dir))
+    html_page = write_page(result, paths.get("plot"), page)
+    if html_page is not None:
+        paths["html"] = html_page
     log_to_wandb(cfg, result, paths)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if not result.complete:
