@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run edit-demo sweep-smoke report-smoke test test-slow bench clean
+.PHONY: help install data run edit-demo sweep-smoke report-smoke test test-slow bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install torch + the package (editable) + test tools
+
+# The DreamBooth dataset (30 subjects, 158 photos, ~110 MB) into paths.dreambooth_dir (DREAMBOOTH_DIR, else
+# ../shared/dreambooth); DATA_ARGS=verify_only=true checks a copy put there by hand, DATA_ARGS=force=true fetches again.
+DATA_ARGS ?=
+data: install ## fetch the DreamBooth dataset (30 subjects, 158 photos) and verify it; offline: says what to do
+	$(VENV)/bin/personalize-data $(DATA_ARGS)
 
 run: install ## the main job: two-stage personalization of the sample dog on the tiny model, offline
 	$(VENV)/bin/personalize experiment=demo

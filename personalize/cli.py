@@ -153,5 +153,19 @@ def report_main(cfg: DictConfig):
     run_task(report, cfg)
 
 
+@checked_cli("data")  # unknown key: one line, exit 2
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="data")
+def data_main(cfg: DictConfig):
+    """personalize-data [verify_only=true] [force=true]: fetch and verify the DreamBooth dataset in paths.dreambooth_dir."""
+    from personalize.dataset import data_task
+
+    # not run_task: it first imports diffusers and transformers to quiet them, seconds this never needs
+    try:
+        return str(data_task(cfg))
+    except PersonalizeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":  # python -m personalize.cli ...
     train_main()

@@ -83,8 +83,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files and staging folders that killed writers left in `folder`.
+def remove_stale_temps(folder: Path, recursive: bool = False, prefix: str = "") -> list[Path]:
+    """Delete the temporary files and staging folders that killed writers left in `folder`
+    (only those whose names start with `prefix`: a folder the user owns holds only our own leftovers).
 
     Nothing ever reads them (they never got their final name); this only frees the disk. A writer is
     judged dead by its pid on this machine, so on a file system shared by several machines a live
@@ -94,7 +95,7 @@ def remove_stale_temps(folder: Path, recursive: bool = False) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         for name in list(dirs) + files:
             match = _TEMP.match(name)
-            if match and not _alive(int(match.group("pid"))):
+            if match and name.startswith(prefix) and not _alive(int(match.group("pid"))):
                 entry = Path(root) / name
                 if name in dirs:
                     shutil.rmtree(entry, ignore_errors=True)
