@@ -2,6 +2,11 @@
 
 In a multirun a failing job, whatever the error, writes FAILED into its run dir and is re-raised as a
 light `JobFailed`: Hydra records it for that job, runs the other jobs, and exits non-zero at the end.
+
+Training and evaluation stop cleanly on SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (preemption, a time limit,
+Ctrl-C): at the next safe point, with INTERRUPTED in the run dir and exit code 128 + the signal; a job of
+a multirun in a process of its own ends as `JobInterrupted` instead, and a requeued submitit/SLURM job
+continues its own run dir (`run_task`, `_interrupted`, `continue_requeued_job`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from personalize import signals
 from personalize.config import CONF_DIR as _CONF_DIR
 from personalize.errors import PersonalizeError
 import personalize.help  # noqa: F401 - registers the resolver of every entry point's --help text
@@ -48,11 +54,21 @@ def _is_multirun() -> bool:
         return False
 
 
-def run_task(task, cfg: DictConfig):
-    """Run `task(cfg)`; user errors become one line; in a multirun any failure is recorded, not fatal."""
+def run_task(task, cfg: DictConfig, interruptible: bool = False):
+    """Run `task(cfg)`; user errors become one line; in a multirun any failure is recorded, not fatal.
+
+    `interruptible` (training, evaluation): SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 stop the task at its
+    next safe point (`personalize.signals`) instead of killing it; see `_interrupted`.
+    """
     quiet_libraries()
+    stop = None
     try:
-        return task(cfg)
+        if not interruptible:
+            return task(cfg)
+        with signals.deferred():
+            return task(cfg)
+    except signals.Interrupted as error:  # handled below, outside this block (see the note there)
+        stop = signals.Interrupted(error.signals, error.phase, error.step, error.run_dir)  # without its frames
     except PersonalizeError as error:
         print(f"error: {error}", file=sys.stderr)
         if not _is_multirun():
@@ -66,12 +82,79 @@ def run_task(task, cfg: DictConfig):
         _record_failure(cfg, traceback.format_exc())
     # Outside the except block: nothing of the failed job (its frames, model, GPU memory) stays referenced
     # by the exception Hydra keeps until the end of the sweep, so it cannot pollute the next job.
+    if stop is not None:
+        _interrupted(cfg, stop)
     _free_memory()
     raise JobFailed(f"{Path(str(cfg.paths.output_dir)).name}: {summary}")
 
 
 class JobFailed(Exception):
     """One multirun job failed (details in its run dir's FAILED); carries no frames of the job."""
+
+
+class JobInterrupted(Exception):
+    """One multirun job was stopped by a signal (its run dir has INTERRUPTED): not a failure, but not done."""
+
+
+def _interrupted(cfg: DictConfig, stop: signals.Interrupted) -> None:
+    """A task stopped by a signal: note it in the run dir, say how to continue, and end as the signal says.
+
+    - One run, or a multirun whose jobs run in this process (the basic launcher): exit with 128 + the
+      signal. The signal was meant for this process, so a sweep stops here, before its next job.
+    - A job in a process of its own (submitit, joblib): the signal was for this job alone. Any handler
+      that was installed before ours gets the signal now (submitit's checkpoints the job and requeues it,
+      then exits; the requeued job continues this run dir, see `continue_requeued_job`); if the job is
+      still here, it ends as `JobInterrupted`, which Hydra records for it while the others go on.
+    """
+    from personalize.resume import is_launch_rank_zero
+
+    run_dir = stop.run_dir or Path(str(cfg.paths.output_dir))
+    own_process = _is_multirun() and not _jobs_run_in_this_process()
+    if is_launch_rank_zero():
+        try:
+            signals.mark_interrupted(run_dir, stop)
+        except Exception:  # noqa: BLE001 - stopping matters more than the note
+            log.exception("could not write the %s note", signals.INTERRUPTED_FILE)
+    again = ("run the same command again: it evaluates only what is missing" if "run_dir" in cfg
+             else f"run the same command with resume=true (or resume={run_dir})")
+    kept = "the resume state of that step is saved" if stop.phase == "training" else "what is done is kept"
+    message = f"{stop.describe()}: {kept}; {again}"
+    log.warning("%s%s", message, "; the sweep stops here" if _is_multirun() and not own_process else "")
+    print(f"interrupted: {message}", file=sys.stderr)
+    _free_memory()
+    signals.pass_on(stop.signals)
+    if own_process:
+        raise JobInterrupted(f"{run_dir.name}: {stop.describe()} (not a failure: {again})")
+    raise SystemExit(stop.exit_code)
+
+
+def _jobs_run_in_this_process() -> bool:
+    """Whether the multirun's jobs run one after the other in the sweep's own process (basic launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher")
+
+
+def continue_requeued_job(cfg: DictConfig) -> None:
+    """A job that SLURM or submitit started again continues its own run dir, with no user action.
+
+    A submitit job runs the sweep config it was pickled with, whose `${now:...}` is already resolved, so
+    a requeued job gets the same run dir as its first start; there a `config.yaml` means the run began
+    (and was preempted or timed out), so it continues as `resume=<that dir>` would. Only inside a
+    submitit job (SUBMITIT_FOLDER) or a restarted SLURM job (SLURM_RESTART_COUNT > 0): an ordinary call
+    never finds an earlier run in the fresh dir Hydra made for it. An explicit `resume` is left alone.
+    """
+    import os
+
+    from personalize.checkpoints import CONFIG_FILE
+
+    if cfg.get("resume") not in (None, False) and str(cfg.resume).lower() not in ("false", "none", "null", ""):
+        return
+    requeued = bool(os.environ.get("SUBMITIT_FOLDER")) or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    run_dir = Path(str(cfg.paths.output_dir))
+    if requeued and (run_dir / CONFIG_FILE).exists():
+        log.info("requeued job: continuing its own run %s", run_dir)
+        cfg.resume = str(run_dir)
 
 
 def _record_failure(cfg: DictConfig, details: str) -> None:
@@ -98,7 +181,11 @@ def _free_memory() -> None:
 def train_main(cfg: DictConfig):
     from personalize.train import train
 
-    result = run_task(train, cfg)
+    def task(cfg):
+        continue_requeued_job(cfg)
+        return train(cfg)
+
+    result = run_task(task, cfg, interruptible=True)
     return str(result.run_dir)
 
 
@@ -138,10 +225,11 @@ def eval_main(cfg: DictConfig):
         from personalize.eval.evaluate import evaluate_run_dir, print_table
 
         records = evaluate_run_dir(cfg)
+        signals.clear_interrupted(Path(cfg.run_dir), phases=("evaluation",))  # training's note stays: not done
         print_table(records, Path(cfg.run_dir))
         return records
 
-    return run_task(task, cfg)
+    return run_task(task, cfg, interruptible=True)
 
 
 @checked_cli("report")  # unknown group option / key: one line, exit 2

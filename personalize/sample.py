@@ -23,8 +23,9 @@ def seeded_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidan
                   resolution: int | None = None, negative_prompt: str = "") -> list:
     """One PIL image per (prompt, seed), each drawn from its own CPU generator.
 
-    So an image depends only on its prompt and seed, never on the batch it was generated in: class
-    images, samples and evaluation images are the same at any batch size, and a resumed job matches.
+    So an image's noise depends only on its prompt and seed, never on the batch it was generated in.
+    Its low bits still do (kernels pick other algorithms for other batch shapes): callers batch by
+    absolute index, so a resumed job repeats the uninterrupted job's batches and matches it bit for bit.
     """
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     return pipe(

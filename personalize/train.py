@@ -12,13 +12,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import Subject, center_crop_resize, load_subject_images, open_rgb, to_tensor
 from personalize.io import atomic_write_text
-from personalize.methods.callbacks import ArtifactCheckpoint
+from personalize import signals
+from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
 from personalize.models import load_components, load_pipeline, resolve_pretrained
@@ -213,18 +215,32 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
 
     `callbacks_before`/`_after` run around the run's own callbacks (the benchmark times steps with them);
     `sample`/`evaluate` switch off what follows training.
+
+    A stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2; `personalize.signals`) ends training after the
+    current step with a resume state of that step, or evaluation between batches, by raising
+    `signals.Interrupted` (the CLI turns it into exit code 128 + the signal). A run that gets to the end
+    removes the INTERRUPTED note an earlier, interrupted call left.
     """
     cfg, module = run.cfg, run.module  # prepare_run has checked the eval config: it fails before training
     records: list[dict] = []
-    with finishing_wandb():
+    check_every = int(cfg.hardware.nan_check_every)
+    callbacks = [*callbacks_before, ArtifactCheckpoint(run.run_dir, check_every=check_every)]
+    if cfg.trainer.progress_bar:
+        callbacks.append(RunProgressBar(str(cfg.method.name), loss_every=check_every or int(cfg.trainer.log_every_n_steps)))
+    plugins = [SafetensorsCheckpointIO()]  # resume states: safetensors + JSON (never pickle)
+    if SLURMEnvironment.detect():
+        # Lightning's own SLURM requeue (on SIGUSR1: a pickled checkpoint, then `scontrol requeue` from
+        # inside the signal handler) is off: ours stops after the step, and submitit requeues
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    interrupted_before = signals.read_interrupted(run.run_dir) is not None
+    with signals.deferred(), finishing_wandb(continues_interrupted=interrupted_before):
         logger = build_logger(cfg, run.run_dir)
         trainer = L.Trainer(
             accelerator=run.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=run.precision, max_steps=module.total_steps(),
-            callbacks=[*callbacks_before, ArtifactCheckpoint(run.run_dir, check_every=int(cfg.hardware.nan_check_every)),
-                       *callbacks_after],
-            # resume states: safetensors + JSON (never pickle); the module's sampler splits data over ranks itself
-            plugins=[SafetensorsCheckpointIO()], use_distributed_sampler=False,
+            callbacks=[*callbacks, *callbacks_after],
+            # the module's sampler splits data over ranks itself
+            plugins=plugins, use_distributed_sampler=False,
             deterministic=cfg.hardware.get("deterministic", False),
             logger=logger, enable_checkpointing=False, enable_model_summary=False,
             log_every_n_steps=int(cfg.trainer.log_every_n_steps), enable_progress_bar=bool(cfg.trainer.progress_bar),
@@ -235,6 +251,8 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
             write_samples(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
         if trainer.is_global_zero and evaluate:
             records = evaluate_checkpoints(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
+        if trainer.is_global_zero:
+            signals.clear_interrupted(run.run_dir)
     log.info("run dir: %s", run.run_dir)
     if records:
         from personalize.eval.evaluate import print_table

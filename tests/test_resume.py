@@ -33,8 +33,10 @@ TWO_STAGE = ["method=two_stage", "method.stages.token.steps=4", "method.stages.t
              "method.stages.token.lr=5e-2", "method.stages.unet.steps=4", "method.stages.unet.checkpoint_every=2",
              "method.stages.unet.lr=1e-3"]
 COMMON_EVAL = ["subject=sample_dog", "eval.protocols=[simple,jindal]"]
+# class_images.seed: a cache folder of its own; batch_size=3 with the debug count of 4: the kill (in image
+# #2) lands inside batch [0,3), and the last batch [3,6) is padded beyond the count
 DREAMBOOTH = ["method=dreambooth", "method.stages.unet.steps=2", "method.stages.unet.checkpoint_every=1",
-              "method.stages.unet.lr=1e-3", "class_images.seed=777"]  # a class-image cache folder of its own
+              "method.stages.unet.lr=1e-3", "class_images.seed=777", "class_images.batch_size=3"]
 
 
 def personalize(*args: str, kill: str | None = None) -> subprocess.CompletedProcess:
@@ -124,18 +126,21 @@ def test_class_image_generation_killed_fills_only_what_is_missing(tmp_path, make
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert f"resuming {run_dir} from the start" in log and "generating 2 of 4 class images" in log
+    assert "(2 batch(es) of 3, aligned to the image index)" in log  # [0,3) again, whole, for #2; then [3,6)
     left = sorted(p.name for p in folder.iterdir() if p.name != ".lock")  # the lock file is not data
     assert left == ["00000.png", "00001.png", "00002.png", "00003.png", "spec.json"]
     assert all(folder.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in first.items())  # not redone
     assert run_dirs(tmp_path / "out") == [run_dir] and (run_dir / "checkpoints" / "step-000002").is_dir()
 
-    # the images equal a generation that was never interrupted, and so does the training on them
+    # the images equal a generation that was never interrupted (same batch size, same machine: the resume
+    # remade batch [0,3) whole, so #2 had the same neighbours), and so does the training on them
     from personalize.class_images import ClassImageSpec, ensure_class_images
     from personalize.models import load_pipeline
 
     cfg = make_cfg(*COMMON, *DREAMBOOTH, name="uninterrupted")
     spec = ClassImageSpec(**json.loads((folder / "spec.json").read_text()))
-    fresh = ensure_class_images(spec, 4, tmp_path / "fresh", lambda: load_pipeline(cfg.model), batch_size=4)
+    fresh = ensure_class_images(spec, 4, tmp_path / "fresh", lambda: load_pipeline(cfg.model),
+                                batch_size=int(cfg.class_images.batch_size))
     assert [p.read_bytes() for p in fresh] == [folder.joinpath(p.name).read_bytes() for p in fresh]
     assert_same_outputs(run_dir, fit(prepare_run(cfg)).run_dir)
 

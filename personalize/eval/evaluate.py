@@ -15,7 +15,9 @@ The expensive things happen once per evaluation:
   run on the same base model and class reuses them;
 - CLIP/DINO are loaded once, and the reference features (the subject's photos; the base images for
   `prior`) are encoded once, not per checkpoint;
-- generation is batched across prompts (image j of every prompt always uses seed + j).
+- generation is batched across prompts (image j of every prompt always uses seed + j), in batches aligned
+  to the sample index: a resumed evaluation remakes a batch with holes whole, so it repeats the
+  uninterrupted evaluation's batch shapes and bits.
 
 Resuming. A (checkpoint, protocol) pair is done when metrics.jsonl has a record for its step and protocol
 with the same settings (`key`: generation settings + evaluation models) and every requested metric
@@ -445,9 +447,12 @@ class Evaluator:
             missing = [i for i, p in enumerate(paths) if not p.exists()]
             images = [None if i in missing else _open_image(p) for i, p in enumerate(paths)]
             if missing:
-                for i, image in zip(missing, self.generate([chunk[i] for i in missing])):
-                    atomic_save_image(image, paths[i])
-                    images[i] = image
+                # the whole batch, even if only some of it is missing: another batch shape would change the
+                # missing images' low bits, and a resumed evaluation must equal an uninterrupted one
+                generated = self.generate(chunk)
+                for i in missing:
+                    atomic_save_image(generated[i], paths[i])
+                    images[i] = generated[i]
             update_metrics(metrics, images, [s.clean_prompt for s in chunk])
             bar.update(len(chunk))
         bar.close()
