@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from personalize.signals import Interrupted, signal_name
+
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 _NOT_SECRET = {"identifier", "new_token", "tokenizer"}  # our config's own words that look like secrets
 
@@ -63,23 +65,45 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 @contextlib.contextmanager
-def finishing_wandb():
+def finishing_wandb(continues_interrupted: bool = False):
     """Always close the W&B run, even when the job fails, so the next multirun job starts clean.
 
-    A failing job is closed with exit code 1, so the dashboard shows it as failed, not finished.
+    A failing job is closed with exit code 1, so the dashboard shows it as failed, not finished. A job
+    stopped by a signal (`signals.Interrupted`) is closed with the process's exit code (128 + the
+    signal), after `mark_preempting()`: W&B shows it as preempted, not as finished or failed by a bug,
+    and its summary says which signal stopped it at which step (`interrupted/*`). The W&B run continues
+    under the same id when the run is resumed (`run_id`); `continues_interrupted` says this call resumes
+    an interrupted run, whose summary keys are then removed when it finishes (an offline run cannot look
+    them up).
     """
-    exit_code = 1
+    exit_code, stop = 1, None
     try:
         yield
         exit_code = 0
+    except Interrupted as interrupted:
+        exit_code, stop = interrupted.exit_code, interrupted
+        raise
     finally:
         try:
             import wandb
 
             if wandb.run is not None:
+                _mark_interruption(wandb.run, stop, continues_interrupted)
                 wandb.finish(exit_code=exit_code)
         except ImportError:
             pass
+
+
+_INTERRUPTED_KEYS = ("interrupted/signal", "interrupted/step", "interrupted/phase")
+
+
+def _mark_interruption(run, stop: Interrupted | None, continues_interrupted: bool) -> None:
+    if stop is not None:
+        run.summary.update(dict(zip(_INTERRUPTED_KEYS, (signal_name(stop.signum), stop.step, stop.phase))))
+        run.mark_preempting()
+    elif continues_interrupted:  # finished: the earlier interruption of this resumed run is over
+        for key in _INTERRUPTED_KEYS:
+            del run.summary[key]
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
@@ -95,18 +119,47 @@ def read_offline_history(wandb_run: Path, wait_s: float = 30.0) -> list[dict]:
     `Record`s; history items carry JSON values. `wandb.finish()` can return before wandb's service has
     written the file out, so this waits (up to `wait_s`) for the run's closing `exit` record.
     """
+    import json
+
+    return [{(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            for kind, record in _complete_records(Path(wandb_run), wait_s) if kind == "history"]
+
+
+def read_offline_exit(wandb_run: Path, wait_s: float = 30.0) -> dict:
+    """How an offline W&B run ended: its exit code (None if it never closed), whether it was marked
+    preempting, its summary updates (key -> JSON value, the last one of each key) and the summary keys
+    it removed."""
+    import json
+
+    out: dict = {"exit_code": None, "preempting": False, "summary": {}, "removed": []}
+    for kind, record in _complete_records(Path(wandb_run), wait_s):
+        if kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+        elif kind == "preempting":
+            out["preempting"] = True
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                key = item.key or "/".join(item.nested_key)
+                out["summary"].pop(key, None)
+                out["removed"].append(key)
+    return out
+
+
+def _complete_records(wandb_run: Path, wait_s: float) -> list:
     import time
 
     deadline = time.monotonic() + wait_s
     while True:
-        rows, complete = _parse_offline_run(Path(wandb_run))
-        if complete or time.monotonic() > deadline:
-            return rows
+        records = _offline_records(wandb_run)
+        if any(kind == "exit" for kind, _ in records) or time.monotonic() > deadline:
+            return records
         time.sleep(0.2)
 
 
-def _parse_offline_run(wandb_run: Path) -> tuple[list[dict], bool]:
-    import json
+def _offline_records(wandb_run: Path) -> list:
+    """(record type, Record) of every complete record in the run's `.wandb` file, in order."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
@@ -114,7 +167,7 @@ def _parse_offline_run(wandb_run: Path) -> tuple[list[dict], bool]:
     path = next(Path(wandb_run).glob("*.wandb"))
     raw = path.read_bytes()
     block, header = 32768, 7
-    rows, pos, pending, complete = [], 7, b"", False
+    records, pos, pending = [], 7, b""
     while pos + header <= len(raw):
         if block - pos % block < header:  # the rest of a block too short for a header is padding
             pos += block - pos % block
@@ -133,9 +186,5 @@ def _parse_offline_run(wandb_run: Path) -> tuple[list[dict], bool]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
-            record_type = record.WhichOneof("record_type")
-            if record_type == "history":
-                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                             for item in record.history.item})
-            complete = complete or record_type == "exit"
-    return rows, complete
+            records.append((record.WhichOneof("record_type"), record))
+    return records

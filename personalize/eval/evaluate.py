@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from personalize.checkpoints import load_run_config
 from personalize.errors import PersonalizeError
 from personalize.io import read_jsonl
+from personalize.signals import raise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +443,7 @@ class Evaluator:
         bar = tqdm(total=len(samples), desc=f"eval {pair.checkpoint.name} {protocol.name}", unit="img",
                    disable=not self.settings.progress_bar, leave=False)
         for begin in range(0, len(samples), self.settings.batch_size):
+            raise_if_interrupted("evaluation", run_dir=self.run_dir)  # a signal: stop before the next batch
             chunk = samples[begin:begin + self.settings.batch_size]
             paths = [out / image_name(s.prompt_index, s.image_index) for s in chunk]
             missing = [i for i, p in enumerate(paths) if not p.exists()]
