@@ -71,7 +71,8 @@ def run_task(task, cfg: DictConfig, interruptible: bool = False):
         stop = signals.Interrupted(error.signals, error.phase, error.step, error.run_dir)  # without its frames
     except PersonalizeError as error:
         print(f"error: {error}", file=sys.stderr)
-        if not _is_multirun():
+        if not _is_multirun():  # (a multirun keeps the job's folder: its FAILED note is what the sweep reports)
+            remove_unused_run_dir()
             raise SystemExit(2)
         summary = f"error: {error}"
         _record_failure(cfg, f"{error}\n")
@@ -176,6 +177,69 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into hydra.output_subdir
+
+
+def _log_files() -> list[logging.FileHandler]:
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.FileHandler)]
+
+
+def unused_run_dir_files(run_dir: Path, output_subdir: str | None, log_files: list[Path]) -> list[Path] | None:
+    """The files to delete if `run_dir` holds only what Hydra made for this job (its config copy in
+    `output_subdir` and the job's log files), else None: anything more belongs to a run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or run_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        return None  # hydra.run.dir=. (or above): the user's own folder
+    logs = {Path(p).resolve() for p in log_files}
+    files = []
+    for entry in run_dir.iterdir():
+        if output_subdir and entry.name == output_subdir and entry.is_dir() and not entry.is_symlink():
+            inner = list(entry.iterdir())
+            if not all(p.name in HYDRA_FILES and p.is_file() for p in inner):
+                return None
+            files += inner
+        elif entry.is_file() and entry.resolve() in logs:
+            files.append(entry)
+        else:
+            return None  # config.yaml, checkpoints/, resume/, FAILED, class images...: a run's, keep it all
+    return files
+
+
+def remove_unused_run_dir() -> None:
+    """A job that failed on its input before writing anything leaves no folder behind.
+
+    Hydra makes the run dir (its `.hydra/` copy of the config, the job's log file) before the task runs,
+    so a bad setting would leave an empty `outputs/train/runs/<time>_...` per try. This removes it when
+    it holds nothing else; the folder of a run that began (config.yaml, checkpoints/, resume/), a resumed
+    run's own dir (never Hydra's dir of this call) and the working directory are never touched.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app
+        return
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    handlers = [h for h in _log_files() if Path(h.baseFilename).resolve().parent == run_dir.resolve()]
+    files = unused_run_dir_files(run_dir, hydra_cfg.output_subdir, [Path(h.baseFilename) for h in handlers])
+    if files is None:
+        return
+    for handler in handlers:  # nothing more is logged into a file about to go
+        handler.close()
+        for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            if isinstance(lg, logging.Logger) and handler in lg.handlers:
+                lg.removeHandler(handler)
+    try:
+        for path in files:
+            path.unlink()
+        if hydra_cfg.output_subdir and (run_dir / hydra_cfg.output_subdir).is_dir():
+            (run_dir / hydra_cfg.output_subdir).rmdir()
+        run_dir.rmdir()  # fails, and keeps the folder, if anything appeared in it meanwhile
+    except OSError as error:
+        log.debug("kept %s: %s", run_dir, error)
+
+
 @checked_cli("train")  # unknown group option / key: one line, exit 2
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_main(cfg: DictConfig):
@@ -239,6 +303,15 @@ def report_main(cfg: DictConfig):
     from personalize.report import report
 
     run_task(report, cfg)
+
+
+@checked_cli("download")  # unknown group option / key: one line, exit 2
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="download")
+def download_main(cfg: DictConfig):
+    """personalize-download model=<name>: fetch a base model (only the files we load) and verify its hash."""
+    from personalize.download import download
+
+    return str(run_task(download, cfg))
 
 
 @checked_cli("data")  # unknown key: one line, exit 2

@@ -8,8 +8,15 @@ comment) in train.yaml or in a group file.
 
 - `check_config(cfg)`: every key of a composed config is known (a key typo'd in a YAML file or added
   with `+` would otherwise be silently ignored).
-- `preflight(config_name, argv)`: the command line's group options and keys exist, checked before Hydra
-  composes (Hydra's own messages are many lines and exit 1). `checked_cli` wraps an entry point with it.
+- `check_values(cfg)`: every value is one its setting can take. The rules are one table, `RULES`
+  (dotted key, `*` for any one name or list index -> rule): a number's kind and range (NaN and inf
+  never pass), a choice's options, a non-empty string, a prompt template's placeholders. A new setting
+  is one row; tests/test_schema.py fails on a setting of conf/ without one and generates the bad values
+  of every row. What needs two settings or the model (checkpoint_every vs steps, the resolution vs the
+  model's downsampling) is checked where both are known (methods/stages.py, train.check_model).
+- `preflight(config_name, argv)`: the command line's group options and keys exist, and the values it
+  sets are valid, checked before Hydra composes (so nothing is created; Hydra's own messages are many
+  lines and exit 1). `checked_cli` wraps an entry point with it.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ import contextlib
 import difflib
 import functools
 import io
+import math
+import string
 import sys
-from dataclasses import fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -124,9 +134,8 @@ def check_config(cfg: DictConfig, config_name: str = "train") -> None:
 
 
 def check_run_settings(cfg: DictConfig, stages) -> None:
-    """Settings whose problems would otherwise show up mid-run."""
-    if int(cfg.method.batch_size) <= 0:
-        raise PersonalizeError(f"method.batch_size={cfg.method.batch_size}: use 1 or more photos per step and process")
+    """Settings whose problems would otherwise show up mid-run, and that involve more than one setting."""
+    check_value("method.batch_size", cfg.method.batch_size)
     hw = cfg.hardware
     devices = hw.get("devices", 1)
     # -1 / "auto" / a list of ids may all mean several processes
@@ -138,6 +147,532 @@ def check_run_settings(cfg: DictConfig, stages) -> None:
                 f"hardware.strategy={hw.strategy} with method {cfg.method.name}: its stages train different parameters, "
                 "which plain DDP cannot follow; use hardware.strategy=ddp_find_unused_parameters_true (hardware=ddp does)"
             )
+
+
+# ---------------------------------------------------------------- values
+_UNSET = "???"  # OmegaConf's mandatory value that nothing filled
+
+
+def _show(value) -> str:
+    """A value as the user would type it on the command line."""
+    if isinstance(value, str):  # quoted as on a command line when it has spaces (or is empty)
+        plain = value and not any(c.isspace() or c in "'\"" for c in value)
+        return value if plain else repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+class Rule:
+    """The values one setting can take. `problem(value)` says what is wrong with a value (None: nothing);
+    `accepts()` names the valid values for the message."""
+
+    means = ""  # what the setting is, shown in the message
+
+    def problem(self, value) -> str | None:
+        raise NotImplementedError
+
+    def accepts(self) -> str:
+        raise NotImplementedError
+
+    def message(self, key: str, value, shown: str | None = None) -> str | None:
+        """The one-line error for `key=value`, or None when the value is valid."""
+        if value == _UNSET:
+            problem = "is not set"
+        else:
+            problem = self.problem(value)
+        if problem is None:
+            return None
+        what = f" ({self.means})" if self.means else ""
+        head = f"{key} {problem}" if value == _UNSET else f"{key}={shown or _show(value)} {problem}"
+        return f"{head}: use {self.accepts()}{what}"
+
+
+@dataclass(frozen=True)
+class Number(Rule):
+    """An int (whole-valued floats such as 1e3 count) or float in [low, high]; a bound is excluded when
+    its `*_open` is set; `null` says what null means where null is allowed. NaN and inf never pass."""
+
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    null: str | None = None
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "is not allowed"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "is not a number"
+        if not math.isfinite(value):
+            return "is not a finite number"
+        if self.kind is int and not float(value).is_integer():
+            return "is not a whole number"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return "is out of range"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return "is out of range"
+        return None
+
+    def accepts(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            text = (f"{what} in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{what} {'>' if self.low_open else '>='} {_number(self.low)}"
+        elif self.high is not None:
+            text = f"{what} {'<' if self.high_open else '<='} {_number(self.high)}"
+        else:
+            text = f"a finite {what.split()[-1]}"
+        return text + (f", or null ({self.null})" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Flag(Rule):
+    """true or false (Hydra reads `yes`/`no`/`1` as a string or int, which would otherwise count as true)."""
+
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        return None if isinstance(value, bool) else "is not true or false"
+
+    def accepts(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Choice(Rule):
+    """One of a list of names (compared as text, so `precision=32` is '32'); `options` may be a function,
+    for lists that live in a library or a module heavy to import."""
+
+    options: Sequence | Callable[[], Sequence] = ()
+    null: str | None = None
+    means: str = ""
+
+    def names(self) -> list[str]:
+        return [str(o) for o in (self.options() if callable(self.options) else self.options)]
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "is not allowed"
+        return None if not isinstance(value, (Mapping, list, bool)) and str(value) in self.names() else "is not a valid choice"
+
+    def accepts(self) -> str:
+        names = self.names()
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        return "one of " + shown + (f", or null ({self.null})" if self.null else "")
+
+    def message(self, key: str, value, shown: str | None = None) -> str | None:
+        text = super().message(key, value, shown)
+        if text and isinstance(value, str):  # name the closest option first: a typo is the usual cause
+            close = difflib.get_close_matches(value, self.names(), n=1)
+            if close:
+                text = text.replace(": use one of", f" (did you mean '{close[0]}'?): use one of", 1)
+        return text
+
+
+@dataclass(frozen=True)
+class Text(Rule):
+    """A non-empty string (a name, a word, a path, a hub id); `empty` allows ''; `null` allows null."""
+
+    empty: bool = False
+    null: str | None = None
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "is not allowed"
+        if isinstance(value, (Mapping, list, bool)):
+            return "is not a string"
+        if not self.empty and not str(value).strip():
+            return "is empty"
+        return None
+
+    def accepts(self) -> str:
+        text = "a string" if self.empty else "a non-empty string"
+        return text + (f", or null ({self.null})" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Template(Rule):
+    """A prompt template: a non-empty string whose {placeholders} are among the ones the code fills.
+
+    Python's own parser finds them (string.Formatter().parse), so what passes here is exactly what
+    `str.format(**fields)` fills without a KeyError; `{{` and `}}` are literal braces.
+    """
+
+    fields: tuple[str, ...] = ()
+    null: str | None = None
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "is not allowed"
+        if not isinstance(value, str):
+            return "is not a string"
+        if not value.strip():
+            return "is empty"
+        try:
+            parsed = list(string.Formatter().parse(value))
+        except ValueError as error:  # a lone { or }
+            return f"is not a template ({error}; write {{{{ or }}}} for a literal brace)"
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if name not in self.fields:
+                shown = "{}" if name == "" else "{" + name + "}"
+                return f"has the placeholder {shown}, which is never filled"
+            if spec or conversion:
+                return f"has {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}, not a plain placeholder"
+        return None
+
+    def accepts(self) -> str:
+        names = ", ".join("{" + f + "}" for f in self.fields)
+        return f"only the placeholder{'s' if len(self.fields) > 1 else ''} {names}" + (f", or null ({self.null})" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Items(Rule):
+    """A list (its items have rules of their own, under `<key>.*`), of `length` items or at least `min_len`."""
+
+    length: int | None = None
+    min_len: int = 0
+    null: str | None = None
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "is not allowed"
+        if not isinstance(value, list):
+            return "is not a list"
+        if self.length is not None and len(value) != self.length:
+            return f"has {len(value)} item{'' if len(value) == 1 else 's'}"
+        if len(value) < self.min_len:
+            return "has too few items" if value else "is empty"
+        return None
+
+    def accepts(self) -> str:
+        text = (f"a list of {self.length}" if self.length is not None
+                else f"a list of at least {self.min_len}" if self.min_len else "a list")
+        return text + (f", or null ({self.null})" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Devices(Rule):
+    """Lightning's `devices`: a count >= 1, -1 (all), 'auto', or a list of device indices."""
+
+    means: str = "how many devices, or which"
+
+    def problem(self, value) -> str | None:
+        if isinstance(value, bool):
+            return "is not a device count"
+        if isinstance(value, int):
+            return None if value >= 1 or value == -1 else "is out of range"
+        if isinstance(value, str):
+            text = value.strip()
+            if text == "auto" or text == "-1":
+                return None
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            ok = parts and all(p.isdigit() for p in parts) and (len(parts) > 1 or text.endswith(",") or int(parts[0]) >= 1)
+            return None if ok else "is not a device count or list"
+        if isinstance(value, list):
+            ok = value and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value) \
+                and len(set(value)) == len(value)
+            return None if ok else "is not a list of distinct device indices"
+        return "is not a device count"
+
+    def accepts(self) -> str:
+        return "a count >= 1, -1 (all), auto, or a list of device indices such as [0,1]"
+
+
+@dataclass(frozen=True)
+class Free(Rule):
+    """Anything: a setting whose value its own code checks (resume: true/false/a path)."""
+
+    means: str = ""
+
+    def problem(self, value) -> str | None:
+        return None
+
+    def accepts(self) -> str:
+        return "anything"
+
+
+def _samplers() -> list[str]:
+    from personalize.models import SAMPLERS  # imports torch: only when a sampler is checked
+
+    return list(SAMPLERS)
+
+
+def _trainables() -> tuple[str, ...]:
+    from personalize.methods.stages import TRAINABLES
+
+    return TRAINABLES
+
+
+def _precisions() -> list[str]:
+    """What Lightning's Trainer accepts as `precision`, and our `auto`."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision import precision as lp
+
+    names = [get_args(getattr(lp, n, None)) for n in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR_ALIAS")]
+    return ["auto", *dict.fromkeys(str(n) for group in names for n in group)]
+
+
+def _strategies() -> list[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
+# The settings every filled prompt template may name: see train.prompts_for and sample.format_prompt.
+PROMPT_FIELDS = ("identifier", "class_noun", "phrase")
+SEED = Number(int, 0, 2**32 - 1, means="a random seed; numpy's seeds are 32-bit")
+SAMPLER = Choice(_samplers, means="the sampler of generation")
+STEPS = Number(int, 1, means="denoising steps")
+GUIDANCE = Number(float, 0, means="classifier-free guidance scale; 1 or less turns guidance off")
+BATCH = Number(int, 1, means="images per batch")
+PATH = Text(means="a folder")
+
+# Every setting of the `personalize` (train) config and the values it can take. Keys are dotted paths
+# into the composed config; `*` matches any one name or list index (a stage name, an item of a list).
+# The most specific row wins (fewest `*`). Ranges are what the code and the libraries below accept:
+# torch's AdamW (betas in [0, 1), eps and weight decay >= 0), PEFT's LoRA (rank >= 1, dropout a
+# probability), Lightning (seed 32-bit, num_nodes >= 1; log_every_n_steps 0 = never), diffusers (steps >= 1).
+RULES: dict[str, Rule] = {
+    "task_name": Text(),
+    "seed": SEED,
+    "resume": Free(),
+    "group": Text(means="the W&B group and sweep folder"),
+    "tags": Items(),
+    "tags.*": Text(),
+
+    "class_images.count": Number(int, 1, means="class images for the prior loss; a stage trains without it "
+                                               "with prior_loss_weight=0"),
+    "class_images.prompt": Template(("class_noun",), means="the frozen base model makes them: it does not know "
+                                                           "the identifier"),
+    "class_images.negative_prompt": Text(empty=True, null="none"),
+    "class_images.sampler": SAMPLER,
+    "class_images.steps": STEPS,
+    "class_images.guidance_scale": GUIDANCE,
+    "class_images.batch_size": BATCH,
+    "class_images.seed": SEED,
+
+    "samples.prompts": Items(),
+    "samples.prompts.*": Template(PROMPT_FIELDS),
+    "samples.num_images": Number(int, 1, means="images per prompt"),
+    "samples.sampler": SAMPLER,
+    "samples.steps": STEPS,
+    "samples.guidance_scale": GUIDANCE,
+    "samples.seed": SEED,
+
+    "trainer.log_every_n_steps": Number(int, 0, means="steps between logged losses; 0 = none"),
+    "trainer.progress_bar": Flag(),
+
+    "method.name": Text(),
+    "method.identifier": Text(means="the word that names the subject"),
+    "method.new_token.initializer": Text(means="the word whose embedding starts the new token"),
+    "method.phrase": Template(("identifier", "class_noun"), means="how prompts name the subject"),
+    "method.instance_prompt": Template(PROMPT_FIELDS, means="the training prompt"),
+    "method.class_prompt": Template(PROMPT_FIELDS, null="no prior loss"),
+    "method.batch_size": Number(int, 1, means="photos per step and process"),
+    "method.flip": Flag(),
+    "method.data_seed": SEED,
+    "method.optimizer.betas": Items(length=2, means="AdamW's beta1 and beta2"),
+    "method.optimizer.betas.*": Number(float, 0, 1, high_open=True, means="an AdamW beta"),
+    "method.optimizer.weight_decay": Number(float, 0, means="AdamW's decoupled weight decay"),
+    "method.optimizer.eps": Number(float, 0, low_open=True, means="AdamW's epsilon"),
+    "method.optimizer.max_grad_norm": Number(float, 0, null="no clipping", means="gradient clipping; 0 = none"),
+    "method.lora.rank": Number(int, 1, means="the LoRA rank"),
+    "method.lora.alpha": Number(float, 0, low_open=True, means="the LoRA scale is alpha / rank"),
+    "method.lora.dropout": Number(float, 0, 1, high_open=True, means="the LoRA dropout probability"),
+    "method.lora.target_modules": Items(min_len=1, means="UNet module names that get adapters"),
+    "method.lora.target_modules.*": Text(),
+    "method.stages.*.train": Items(min_len=1, means="what the stage trains"),
+    "method.stages.*.train.*": Choice(_trainables),
+    "method.stages.*.steps": Number(int, 1, means="the stage's optimizer steps"),
+    "method.stages.*.lr": Number(float, 0, low_open=True, means="the stage's learning rate"),
+    "method.stages.*.prior_loss_weight": Number(float, 0, null="0", means="0 = no prior loss"),
+    "method.stages.*.checkpoint_every": Number(int, 0, null="at the stage's end",
+                                               means="steps between checkpoints; 0 = none in this stage"),
+    "method.stages.*.lr_warmup_steps": Number(int, 0, null="none", means="linear warmup steps"),
+
+    "model.name": Text(),
+    "model.pretrained": Text(means="a hub id or a diffusers folder"),
+    "model.revision": Text(null="the default branch"),
+    "model.variant": Text(null="the default weights"),
+    "model.original_id": Text(null="pretrained is not a copy", means="the hub id a mirror stands in for"),
+    "model.mirrors": Items(null="none"),
+    "model.mirrors.*": Text(means="a hub id"),
+    # its form (64 hex digits) is checked by personalize.models.expected_unet_sha256 when the model loads
+    "model.unet_sha256": Text(null="unchecked", means="the sha256 of the UNet weights file"),
+    "model.resolution": Number(int, 1, means="training image size in pixels"),
+    "model.tiny": Flag(),
+    "model.eval_models.clip": Text(),
+    "model.eval_models.dino": Text(),
+    "model.eval_models.tiny": Flag(),
+    "model.eval_models.fid_features": Text(),
+
+    "hardware.name": Text(),
+    "hardware.accelerator": Choice(("auto", "cpu", "gpu")),
+    "hardware.devices": Devices(),
+    "hardware.num_nodes": Number(int, 1, means="machines"),
+    "hardware.strategy": Choice(_strategies, means="Lightning's strategy"),
+    "hardware.precision": Choice(_precisions, means="Lightning's precision"),
+    "hardware.frozen_dtype": Choice(("auto", "float32", "bfloat16", "float16"), means="the dtype of what never trains"),
+    "hardware.gradient_checkpointing": Flag(),
+    "hardware.optimizer": Choice(("adamw", "adamw8bit")),
+    "hardware.compile_unet": Flag(),
+    "hardware.channels_last": Flag(),
+    "hardware.nan_check_every": Number(int, 0, means="steps between loss checks; 0 = only at checkpoints"),
+    "hardware.deterministic": Flag(),
+
+    "logger.backend": Choice(("none", "wandb")),
+    "logger.mode": Choice(("online", "offline")),
+    "logger.project": Text(),
+    "logger.entity": Text(null="your default entity"),
+
+    "eval.enabled": Flag(),
+    "eval.protocols": Items(),
+    "eval.protocols.*": Text(),
+    "eval.images_per_prompt.*": Number(int, 1, means="images per prompt of the protocol"),
+    "eval.metrics": Items(),
+    "eval.metrics.*": Text(),
+    "eval.clip_model": Text(null="none"),
+    "eval.dino_model": Text(null="none"),
+    "eval.tiny_models": Flag(),
+    "eval.fid_features": Text(),
+    "eval.sampler": SAMPLER,
+    "eval.steps": STEPS,
+    "eval.guidance_scale": GUIDANCE,
+    "eval.seed": SEED,
+    "eval.batch_size": BATCH,
+    "eval.every_checkpoint": Flag(),
+    "eval.base_image_dir": PATH,
+    "eval.grid_size": Number(int, 1, means="images in the W&B grid"),
+    "eval.progress_bar": Flag(),
+
+    "paths.*": PATH,
+
+    "subject.name": Text(),
+    "subject.class_noun": Text(means="the class word of prompts, e.g. dog"),
+    "subject.kind": Choice(("live", "object"), means="picks the DreamBooth prompt list"),
+    "subject.init_word": Text(null="the last word of class_noun"),
+    "subject.num_images": Number(int, 1, means="photos in the subject folder"),
+    "subject.data_dir": PATH,
+}
+
+
+def _matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    return len(pattern) == len(parts) and all(p == "*" or p == q for p, q in zip(pattern, parts))
+
+
+def _rows(rules: Mapping[str, Rule] | None) -> list[tuple[tuple[str, ...], Rule]]:
+    """The table as (key parts, rule), the most specific (fewest `*`) first."""
+    return sorted(((tuple(k.split(".")), r) for k, r in (RULES if rules is None else rules).items()),
+                  key=lambda row: row[0].count("*"))
+
+
+def rule_for(key: str | Sequence, rules: Mapping[str, Rule] | None = None, rows=None) -> Rule | None:
+    """The rule of a dotted key (or its parts), the most specific row first; None if it has none."""
+    parts = tuple(str(p) for p in (key.split(".") if isinstance(key, str) else key))
+    return next((rule for pattern, rule in (rows or _rows(rules)) if _matches(pattern, parts)), None)
+
+
+def _dotted(parts: Sequence) -> str:
+    """`samples.prompts[1]`: OmegaConf's (and Hydra's) way of writing a key with a list index."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def check_value(key: str, value, shown: str | None = None) -> None:
+    """A PersonalizeError (one line naming the key, the value and what it accepts) if `value` is not one
+    `key` can take. A key without a rule takes anything."""
+    rule = rule_for(key.replace("[", ".").replace("]", ""))
+    message = rule.message(key, value, shown) if rule is not None else None
+    if message:
+        raise PersonalizeError(message)
+
+
+def _nodes(node, parts: tuple = ()):
+    """(key parts, value) of every node below `node`: mappings, lists and leaves."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield parts + (str(key),), value
+            yield from _nodes(value, parts + (str(key),))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield parts + (i,), value
+            yield from _nodes(value, parts + (i,))
+
+
+def _resolved(cfg: DictConfig):
+    """The config as plain values with interpolations resolved; a value whose interpolation cannot be
+    resolved here (a resolver or environment variable missing) stays as written and is not checked."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - one bad interpolation: resolve the others one by one
+        pass
+    raw = OmegaConf.to_container(cfg, resolve=False)
+
+    def resolve(node, parts):
+        if isinstance(node, Mapping):
+            return {k: resolve(v, parts + (str(k),)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, parts + (i,)) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            try:
+                value = OmegaConf.select(cfg, _dotted(parts), throw_on_resolution_failure=True, throw_on_missing=False)
+                return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            except Exception:  # noqa: BLE001 - its own code reports it where it is used
+                return _UNCHECKED
+        return node
+
+    return resolve(raw, ())
+
+
+_UNCHECKED = object()
+
+
+def check_values(cfg: DictConfig, rules: Mapping[str, Rule] | None = None) -> None:
+    """Every value of a composed train config is one its setting can take (see RULES): one line otherwise.
+
+    A value that comes from an interpolation names where it came from (`class_images.prompt` is
+    `${method.class_prompt}` unless set), since that is the setting to fix.
+    """
+    resolved = _resolved(cfg)
+    raw = dict(_nodes(OmegaConf.to_container(cfg, resolve=False)))
+    rows = _rows(rules)
+    copied = []  # values that come from another setting: checked after the settings written directly,
+    for parts, value in _nodes(resolved):  # so the error names the one to fix where both are wrong
+        if value is _UNCHECKED:
+            continue
+        written = raw.get(parts)
+        if isinstance(written, str) and "${" in written:
+            copied.append((parts, value, f"{_show(value)} (from {written})"))
+        else:
+            _check(parts, value, None, rows)
+    for parts, value, shown in copied:
+        _check(parts, value, shown, rows)
+
+
+def _check(parts: tuple, value, shown: str | None, rows) -> None:
+    rule = rule_for(parts, rows=rows)
+    message = rule.message(_dotted(parts), value, shown) if rule is not None else None
+    if message:
+        raise PersonalizeError(message)
 
 
 # ---------------------------------------------------------------- the command line
@@ -189,6 +724,12 @@ def preflight(config_name: str, argv: list[str]) -> None:
             message = _unknown(tree, key.split("."))
             if message:
                 raise PersonalizeError(f"{message} (in `{override.input_line}`)")
+            # one value for every job: check it now, before Hydra makes a run dir (a sweep over values
+            # runs its jobs, and each bad one is recorded as that job's failure)
+            if config_name == "train" and override.value_type == ValueType.ELEMENT and "@" not in key:
+                value = override.value()
+                if not (isinstance(value, str) and "${" in value):  # an interpolation: checked once composed
+                    check_value(key, value)
 
 
 def checked_cli(config_name: str):

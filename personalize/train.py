@@ -134,9 +134,10 @@ def prepare_run(cfg: DictConfig) -> Run:
     """
     from personalize.io import remove_stale_temps
     from personalize.resume import find_run, is_launch_rank_zero, latest_resume_state
-    from personalize.schema import check_config, check_run_settings
+    from personalize.schema import check_config, check_run_settings, check_values
 
     check_config(cfg)  # a typo'd key fails here, not silently ignored
+    check_values(cfg)  # every value in its declared range, every prompt template fillable (schema.RULES)
     subject = Subject.from_cfg(cfg.subject)
     stages = parse_stages(cfg.method.stages)
     accelerator, precision, frozen_dtype = resolve_hardware(cfg.hardware)
@@ -174,14 +175,55 @@ def prepare_run(cfg: DictConfig) -> Run:
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
 
 
-def check_model(cfg: DictConfig) -> None:
-    """A model that is not there fails here, in one line, before anything is written: its scheduler config
-    is a few bytes, and loads through the same path (local folder, cache, hub) as the weights."""
-    from diffusers import DDPMScheduler
+# What `Personalizer._predict` has a target for; diffusers also knows "sample", which our loss does not.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+
+class _ConfigOnly:
+    """A `load_pretrained` loader that reads a component's config.json alone (bytes, not weights)."""
+
+    def __init__(self, model_class):
+        self.model_class = model_class
+
+    def from_pretrained(self, source, **kwargs):
+        kwargs.pop("variant", None)  # names a weights file; the config is shared by every variant
+        return self.model_class.load_config(source, **kwargs)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The model must be there and suit the settings; checked on its config files (a few bytes, loaded
+    through the same path as the weights: local folder, cache, hub), before anything is written.
+
+    - It predicts what our loss can train (scheduler/scheduler_config.json `prediction_type`).
+    - `model.resolution` is a multiple of its total downsampling: the VAE's 2**(len(block_out_channels) - 1)
+      (diffusers' `vae_scale_factor`, 8 for SD) times the UNet's 2**(down blocks - 1) (8 for SD: 64 in all),
+      so latents and every UNet level have whole sizes and the skip connections line up.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from personalize.errors import PersonalizeError
     from personalize.models import load_pretrained
 
-    load_pretrained(DDPMScheduler, resolve_pretrained(cfg.model), "scheduler", cfg.model)
+    source = resolve_pretrained(cfg.model)
+    scheduler = load_pretrained(DDPMScheduler, source, "scheduler", cfg.model)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise PersonalizeError(
+            f"model '{source}' has prediction_type={kind} (scheduler/scheduler_config.json), which this training "
+            f"cannot target: use a model whose scheduler predicts one of {', '.join(PREDICTION_TYPES)}"
+        )
+    vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg.model)
+    unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg.model)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
+    multiple, resolution = vae_factor * unet_factor, int(cfg.model.resolution)
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
+        raise PersonalizeError(
+            f"model.resolution={resolution} does not suit model '{source}': use a multiple of {multiple} "
+            f"(its VAE downsamples {vae_factor}x, its UNet {unet_factor}x more), e.g. {choices}"
+        )
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,20 +212,66 @@ def test_typo_in_a_config_file_is_caught(make_cfg):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method.stages.unet.steps=0", "method.stages.unet.steps=0: the number of steps must be positive"),
-    ("method.stages.unet.steps=-5", "the number of steps must be positive"),
-    ("method.stages.unet.lr=-1e-4", "method.stages.unet.lr=-0.0001: the learning rate must be positive"),
+    ("method.stages.unet.steps=0", "method.stages.unet.steps=0 is out of range: use a whole number >= 1"),
+    ("method.stages.unet.steps=-5", "method.stages.unet.steps=-5 is out of range"),
+    ("method.stages.unet.steps=2.5", "method.stages.unet.steps=2.5 is not a whole number"),
+    ("method.stages.unet.lr=-1e-4", "method.stages.unet.lr=-0.0001 is out of range: use a number > 0"),
+    ("method.stages.unet.lr=nan", "method.stages.unet.lr=nan is not a finite number"),
+    ("+method.stages.unet.prior_loss_weight=-1", "method.stages.unet.prior_loss_weight=-1 is out of range"),
+    ("method.stages.unet.checkpoint_every=-1", "method.stages.unet.checkpoint_every=-1 is out of range"),
     ("method.stages.unet.checkpoint_every=1000", "checkpoint_every=1000 but the stage has 800 steps"),
+    ("+method.stages.unet.lr_warmup_steps=-2", "method.stages.unet.lr_warmup_steps=-2 is out of range"),
+    ("method.stages.unet.train=[vae]", "method.stages.unet.train=['vae']: each stage trains one or more of"),
+    ("method.stages.unet.train=[]", "method.stages.unet.train=[]: each stage trains one or more of"),
 ])
-def test_bad_numbers(make_cfg, override, message):
+def test_bad_stage_settings(make_cfg, override, message):
+    """parse_stages (which every caller of the stages goes through) checks them with the schema's rules."""
     with pytest.raises(PersonalizeError) as error:
         parse_stages(make_cfg("method=finetune", override).method.stages)
     assert message in one_line(error)
 
 
+@pytest.mark.parametrize("override, message", [
+    # the issue's dozen, and their kin: each was a traceback, or accepted and silently wrong
+    ("model.resolution=0", "model.resolution=0 is out of range: use a whole number >= 1"),
+    ("model.resolution=100", "model.resolution=100 does not suit model"),
+    ("method.instance_prompt='a photo of {phrase} {oops}'",
+     "method.instance_prompt='a photo of {phrase} {oops}' has the placeholder {oops}, which is never filled: "
+     "use only the placeholders {identifier}, {class_noun}, {phrase}"),
+    ("method.phrase='{identifier} {class}'", "method.phrase='{identifier} {class}' has the placeholder {class}"),
+    ("samples.prompts=['a {phrase}','a {subject}']", "samples.prompts[1]='a {subject}' has the placeholder {subject}"),
+    ("method.identifier=''", "method.identifier='' is empty: use a non-empty string"),
+    ("subject.class_noun=' '", "subject.class_noun=' ' is empty"),
+    ("method.lora.dropout=1", "method.lora.dropout=1 is out of range: use a number in [0, 1)"),
+    ("method.lora.rank=0", "method.lora.rank=0 is out of range: use a whole number >= 1"),
+    ("method.lora.alpha=0", "method.lora.alpha=0 is out of range: use a number > 0"),
+    ("method.optimizer.betas=[0.9,1.0]", "method.optimizer.betas[1]=1.0 is out of range: use a number in [0, 1)"),
+    ("method.optimizer.eps=0", "method.optimizer.eps=0 is out of range: use a number > 0"),
+    ("method.optimizer.weight_decay=-0.01", "method.optimizer.weight_decay=-0.01 is out of range"),
+    ("method.optimizer.max_grad_norm=inf", "method.optimizer.max_grad_norm=inf is not a finite number"),
+    ("class_images.count=0", "class_images.count=0 is out of range: use a whole number >= 1"),
+    ("class_images.guidance_scale=-1", "class_images.guidance_scale=-1 is out of range: use a number >= 0"),
+    ("class_images.sampler=dpm", "class_images.sampler=dpm is not a valid choice"),
+    ("samples.num_images=0", "samples.num_images=0 is out of range"),
+    ("eval.steps=0", "eval.steps=0 is out of range"),
+    ("eval.images_per_prompt.simple=0", "eval.images_per_prompt.simple=0 is out of range"),
+    ("seed=-1", "seed=-1 is out of range: use a whole number in [0, 4294967295]"),
+    ("hardware.frozen_dtype=float64", "hardware.frozen_dtype=float64 is not a valid choice"),
+    ("hardware.compile_unet=yes", "hardware.compile_unet=yes is not true or false"),
+    ("hardware.num_nodes=0", "hardware.num_nodes=0 is out of range"),
+    ("trainer.log_every_n_steps=-1", "trainer.log_every_n_steps=-1 is out of range"),
+])
+def test_a_setting_that_cannot_work_fails_before_anything_is_written(make_cfg, tmp_path, override, message):
+    cfg = make_cfg("method=dreambooth", "subject=sample_dog", override, name="bad")
+    with pytest.raises(PersonalizeError) as error:
+        prepare_run(cfg)
+    assert message in one_line(error)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_batch_size_and_plain_ddp_with_stages(make_cfg):
     cfg = make_cfg("method=finetune", "method.batch_size=0")
-    with pytest.raises(PersonalizeError, match="method.batch_size=0"):
+    with pytest.raises(PersonalizeError, match="method.batch_size=0 is out of range: use a whole number >= 1"):
         check_run_settings(cfg, parse_stages(cfg.method.stages))
     cfg = make_cfg("method=two_stage", "hardware=ddp_cpu", "hardware.strategy=ddp")
     with pytest.raises(PersonalizeError, match="use hardware.strategy=ddp_find_unused_parameters_true"):
@@ -285,5 +332,62 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith(message)
-    # nothing half-made: Hydra's own log folder at most, no run config or checkpoint
-    assert not list(tmp_path.glob("train/runs/*/config.yaml")) and not list(tmp_path.rglob("checkpoints"))
+    assert not list(tmp_path.glob("train/runs/*"))  # nothing half-made, not even Hydra's folder
+
+
+def personalize_bin(*args: str, outputs, cwd) -> subprocess.CompletedProcess:
+    """The installed `personalize` command, outputs under PERSONALIZE_OUTPUTS, as a user runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "personalize"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PERSONALIZE_OUTPUTS=str(outputs)))
+
+
+@pytest.mark.parametrize("args, message", [
+    # caught on the command line, before Hydra makes a folder
+    (["model.resolution=0"], "error: model.resolution=0 is out of range: use a whole number >= 1"),
+    (["method.instance_prompt='a photo of {phrase} {oops}'"],
+     "error: method.instance_prompt='a photo of {phrase} {oops}' has the placeholder {oops}"),
+    # caught once the model's config is read: Hydra's folder exists by then and must go again
+    (["model.resolution=100"], "error: model.resolution=100 does not suit model"),
+])
+def test_a_bad_setting_leaves_no_run_folder(tmp_path, args, message):
+    outputs = tmp_path / "outputs"
+    result = personalize_bin("debug=default", "subject=sample_dog", *args, outputs=outputs, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [result.stderr.rstrip("\n")] and result.stderr.startswith(message)
+    assert not list(outputs.glob("train/runs/*")), list(outputs.rglob("*"))
+
+
+def test_a_failed_resume_keeps_the_resumed_run_and_removes_only_its_own_folder(tmp_path):
+    outputs = tmp_path / "outputs"
+    earlier = outputs / "train" / "runs" / "earlier-run"
+    (earlier / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "train.log", ".hydra/config.yaml"):
+        (earlier / name).write_text("x\n")
+    result = personalize_bin("debug=default", "subject=sample_dog", f"resume={earlier}", "model.resolution=100",
+                             outputs=outputs, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: model.resolution=100"), result.stderr[-3000:]
+    assert [p.name for p in (outputs / "train" / "runs").iterdir()] == ["earlier-run"]
+    assert sorted(str(p.relative_to(earlier)) for p in earlier.rglob("*")) == [".hydra", ".hydra/config.yaml",
+                                                                              "config.yaml", "train.log"]
+
+
+def test_only_a_folder_of_hydras_own_files_counts_as_unused(tmp_path, monkeypatch):
+    from personalize.cli import unused_run_dir_files
+
+    def run_dir(name, *files):
+        folder = tmp_path / name
+        for file in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", *files):
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            (folder / file).write_text("")
+        return folder
+
+    fresh = run_dir("fresh")
+    assert sorted(p.name for p in unused_run_dir_files(fresh, ".hydra", [fresh / "train.log"])) == [
+        "config.yaml", "hydra.yaml", "overrides.yaml", "train.log"]
+    for extra in ("config.yaml", "checkpoints/step-000001/checkpoint.json", "resume/step-000002/state.json",
+                  "FAILED", ".hydra/notes.txt", "other.log"):
+        folder = run_dir(extra.replace("/", "_"), extra)
+        assert unused_run_dir_files(folder, ".hydra", [folder / "train.log"]) is None, extra
+    monkeypatch.chdir(fresh)  # hydra.run.dir=. : the user's folder, whatever it holds
+    assert unused_run_dir_files(fresh, ".hydra", [fresh / "train.log"]) is None
+    assert unused_run_dir_files(tmp_path / "missing", ".hydra", []) is None

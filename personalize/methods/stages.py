@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import OmegaConf
+
 from personalize.errors import PersonalizeError
+from personalize.schema import check_value
 
 # What a stage can train: the new token's embedding row, the whole UNet, LoRA adapters on the
 # UNet's attention projections, the whole text encoder.
@@ -46,21 +49,19 @@ def parse_stages(stages_cfg) -> list[Stage]:
         raise PersonalizeError("method.stages is empty: a method needs at least one stage")
     stages, start = [], 0
     for name, cfg in stages_cfg.items():
-        train = tuple(cfg.train)
-        unknown = set(train) - set(TRAINABLES)
+        for field in ("steps", "lr", "prior_loss_weight", "checkpoint_every", "lr_warmup_steps"):
+            if field in cfg or field in ("steps", "lr"):  # the ranges are the schema's (personalize/schema.py)
+                check_value(f"method.stages.{name}.{field}", cfg.get(field))
+        train = tuple(cfg.train) if OmegaConf.is_list(cfg.get("train")) or isinstance(cfg.get("train"), list) else ()
+        unknown = set(map(str, train)) - set(TRAINABLES)
         if not train or unknown:
             raise PersonalizeError(
-                f"method.stages.{name}.train={list(train)}: each stage trains one or more of {', '.join(TRAINABLES)}"
+                f"method.stages.{name}.train={list(train) if train else cfg.get('train')}: "
+                f"each stage trains one or more of {', '.join(TRAINABLES)}"
             )
-        if int(cfg.steps) <= 0:
-            raise PersonalizeError(f"method.stages.{name}.steps={cfg.steps}: the number of steps must be positive")
-        if float(cfg.lr) <= 0:
-            raise PersonalizeError(f"method.stages.{name}.lr={cfg.lr}: the learning rate must be positive")
         weight = float(cfg.get("prior_loss_weight", 0.0) or 0.0)
-        if weight < 0:
-            raise PersonalizeError(f"method.stages.{name}.prior_loss_weight={weight}: use 0 (off) or a positive weight")
         every = cfg.get("checkpoint_every")
-        if every is not None and (int(every) < 0 or int(every) > int(cfg.steps)):
+        if every is not None and int(every) > int(cfg.steps):
             raise PersonalizeError(
                 f"method.stages.{name}.checkpoint_every={every} but the stage has {cfg.steps} steps: "
                 "use a value between 1 and the stage's steps (null = at the stage's end, 0 = never)"
