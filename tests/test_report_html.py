@@ -16,7 +16,6 @@ import html
 import io
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -443,4 +442,3 @@ def test_page_renders_in_headless_chromium(smoke, tmp_path):
         x, y, w, h = (int(round(region[k])) for k in ("x", "y", "w", "h"))
         assert y + h <= 2000, region
         assert screen[y:y + h, x:x + w].std() > 10, region  # drawn: text, lines or pixels, not one colour
-    shutil.copy(shot, smoke.folder / "page-screenshot.png")  # to look at: beside the report's other outputs
