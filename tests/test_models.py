@@ -290,3 +290,26 @@ for case in cases:
     assert "is gated" in lines[3] and "hf auth login" in lines[3]
     assert lines[4].startswith("ERROR model.revision=v9:") and "has no such revision" in lines[4]
     assert lines[5] == "LOADED"  # the mirror itself is served: it loads
+
+
+# ----------------------------------------------------------------------------------------- provenance
+def test_checkpoint_json_and_the_report_name_both_ids(make_cfg, tiny_copy):
+    """A run on a copy of a model records what it loaded and what that is a copy of, and the report says so."""
+    from personalize.report import build_report, read_run, spec_from_runs
+    from personalize.train import fit, prepare_run
+
+    digest = _sha256(tiny_copy / UNET_FILE)
+    cfg = make_cfg("method=textual_inversion", "subject=sample_dog", "method.stages.token.steps=2",
+                   "method.stages.token.checkpoint_every=2", "model.tiny=false", f"model.pretrained={tiny_copy}",
+                   f"model.original_id={SD21_OFFICIAL}", f"model.unet_sha256={digest}")
+    run = fit(prepare_run(cfg), sample=False, evaluate=False)
+    (ckpt,) = run.checkpoints()
+    model = json.loads((ckpt / "checkpoint.json").read_text())["model"]
+    assert (model["pretrained"], model["original_id"], model["unet_sha256"]) == (str(tiny_copy), SD21_OFFICIAL, digest)
+    assert marker_path(tiny_copy / UNET_FILE).is_file()  # training loaded the UNet through the check
+
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "protocol": "simple", "clip_i": 0.5}) + "\n")
+    info = read_run(run.run_dir)
+    assert info.base_model == f"{tiny_copy} (copy of {SD21_OFFICIAL}; UNet sha256 {digest[:12]}… checked)"
+    report = build_report(spec_from_runs("t", [info]), [info], group="t")
+    assert f"Base model: {info.base_model}." in report.markdown.splitlines()
