@@ -169,6 +169,7 @@ class RunInfo:
     records: list[dict] = field(default_factory=list)
     source: str = "local"
     subject_dir: str | None = None  # the subject's photos, as the run's config names them (the HTML page shows them)
+    base_model: str | None = None  # what it trained on, with provenance (describe_base_model)
 
     @property
     def key(self) -> tuple:
@@ -248,7 +249,7 @@ def read_run(run_dir: Path) -> RunInfo | None:
         run_dir=str(run_dir), group=None if config.get("group") is None else str(config.get("group")),
         method=(config.get("method") or {}).get("name"), subject=(config.get("subject") or {}).get("name"),
         seed=int(seed) if isinstance(seed, int) else None, status="incomplete",
-        subject_dir=_subject_dir(config),
+        subject_dir=_subject_dir(config), base_model=describe_base_model(config.get("model")),
     )
     stamps = [p.stat().st_mtime for p in (config_path, run_dir / METRICS_FILE, run_dir / FAILED_FILE) if p.exists()]
     info.mtime = max(stamps)
@@ -266,6 +267,19 @@ def read_run(run_dir: Path) -> RunInfo | None:
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         info.status = "not evaluated"
     return info
+
+
+def describe_base_model(model: dict | None) -> str | None:
+    """The base model a run's config names, with provenance: the id loaded, the id it is a copy of, and the
+    UNet hash that loading checked (a run whose UNet did not match never trained)."""
+    if not isinstance(model, dict) or not model.get("pretrained"):
+        return None
+    notes = []
+    if model.get("original_id") and model["original_id"] != model["pretrained"]:
+        notes.append(f"copy of {model['original_id']}")
+    if model.get("unet_sha256"):
+        notes.append(f"UNet sha256 {str(model['unet_sha256'])[:12]}… checked")
+    return str(model["pretrained"]) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _subject_dir(config: dict) -> str | None:
@@ -321,7 +335,7 @@ def find_wandb_runs(project: str, group: str, entity: str | None = None, api=Non
             seed=int(seed) if isinstance(seed, int) else None, status=status,
             error=f"W&B state {state}" if status == "failed" else None,
             mtime=pd.Timestamp(stamp).timestamp() if stamp else 0.0, records=records, source="wandb",
-            subject_dir=_subject_dir(config),
+            subject_dir=_subject_dir(config), base_model=describe_base_model(config.get("model")),
         ))
     return runs
 
@@ -541,6 +555,9 @@ def render_markdown(report: Report) -> str:
         out.append(f"{paper['source']}")
     out.append("")
     out.append(f"W&B group / run group `{report.group}`; runs from {', '.join(report.sources) or 'nowhere'}.")
+    models = sorted({r.base_model for r in report.runs if r.base_model})
+    if models:
+        out.append(f"Base model: {'; '.join(models)}.")
     out.append(f"Checkpoint: {spec.describe_selection()}. Each cell: **ours / paper**; ours is the mean over "
                f"{len(spec.subjects)} subject(s); `n/N` marks a mean over fewer subjects (see Missing).")
     out.append("")
@@ -666,6 +683,7 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["steps"], report.by_step.to_csv(index=False))
     runs = pd.DataFrame([dict(method=r.method, subject=r.subject, seed=r.seed, status=r.status, error=r.error,
                               records=len(r.records), in_table=r in report.runs, superseded=r in report.superseded,
+                              base_model=r.base_model,
                               run_dir=r.run_dir) for r in report.runs + report.extra + report.superseded])
     atomic_write_text(paths["runs"], runs.to_csv(index=False))
     plot = plot_steps(report, out_dir / "metrics_vs_step.png")
