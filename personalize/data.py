@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from personalize.config import derive_init_word
 from personalize.errors import PersonalizeError
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,41 @@ class Subject:
 
     @classmethod
     def from_cfg(cls, cfg) -> "Subject":
+        # subject=folder leaves these to the command line (`???`); OmegaConf would raise a multi-line
+        # MissingMandatoryValue from wherever they are first read
+        for key, value in (("data_dir", "<folder of 3-6 photos>"), ("class_noun", "<what the photos show, e.g. dog>")):
+            if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key):
+                raise PersonalizeError(
+                    f"subject.{key} is not set: add subject.{key}={value} (in full: personalize subject=folder "
+                    "subject.data_dir=<folder of 3-6 photos> subject.class_noun=<noun>)"
+                )
+        if not str(cfg.class_noun).strip():
+            raise PersonalizeError(f"subject.class_noun is empty for subject '{cfg.name}': say what the photos show, e.g. subject.class_noun=dog")
         if cfg.kind not in KINDS:
             raise PersonalizeError(f"subject '{cfg.name}' has kind '{cfg.kind}': use one of {', '.join(KINDS)}")
         return cls(
             name=str(cfg.name), class_noun=str(cfg.class_noun), kind=str(cfg.kind),
             data_dir=Path(str(cfg.data_dir)).expanduser(),
-            init_word=str(cfg.get("init_word") or str(cfg.class_noun).split()[-1]),
+            init_word=str(cfg.get("init_word") or derive_init_word(str(cfg.class_noun))),
         )
+
+
+def check_init_word(subject: Subject, tokenizer) -> None:
+    """The subject's init word (where a new noun token starts, textual inversion) must be one token of
+    the model's tokenizer; else one line suggesting a word that is."""
+    ids = tokenizer.encode(subject.init_word, add_special_tokens=False)
+    if len(ids) == 1:
+        return
+    pieces = " ".join(tokenizer.convert_ids_to_tokens(ids))
+    # Other words of the class noun first ("plushie toy" -> "toy"), then a general word for the kind
+    fallback = ("animal", "pet", "dog", "person") if subject.kind == "live" else ("object", "toy", "thing", "bag")
+    candidates = [*reversed(str(subject.class_noun).split()), *fallback]
+    one_token = [w for w in candidates if w != subject.init_word and len(tokenizer.encode(w, add_special_tokens=False)) == 1]
+    hint = f"e.g. subject.init_word={one_token[0]}" if one_token else "e.g. a more general word for the class"
+    raise PersonalizeError(
+        f"subject.init_word '{subject.init_word}' (from subject.class_noun '{subject.class_noun}') is {len(ids)} "
+        f"tokens of the model's tokenizer ({pieces}), not one: set a one-token word close in meaning, {hint}"
+    )
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
-from personalize.data import Subject, center_crop_resize, load_subject_images, open_rgb, to_tensor
+from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_images, open_rgb, to_tensor
 from personalize.io import atomic_write_text
 from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
@@ -202,7 +202,7 @@ def check_model(cfg: DictConfig) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from personalize.errors import PersonalizeError
-    from personalize.models import load_pretrained
+    from personalize.models import load_pretrained, verify_unet_if_present
 
     source = resolve_pretrained(cfg.model)
     scheduler = load_pretrained(DDPMScheduler, source, "scheduler", cfg.model)
@@ -214,6 +214,7 @@ def check_model(cfg: DictConfig) -> None:
         )
     vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg.model)
     unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg.model)
+    verify_unet_if_present(source, cfg.model)  # cached weights that do not match model.unet_sha256 fail here
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
     multiple, resolution = vae_factor * unet_factor, int(cfg.model.resolution)
@@ -247,6 +248,8 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
         tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg.model)
         if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
             raise model_not_available(source, cfg.model)
+        if str(cfg.method.new_token.initializer) == str(cfg.subject.init_word):  # textual inversion's ${subject.init_word}
+            check_init_word(Subject.from_cfg(cfg.subject), tokenizer)  # the fix is subject.init_word=, said so
         check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer))
 
 

@@ -13,7 +13,8 @@ from personalize.train import prepare_run
 from tests.conftest import SHARED_DREAMBOOTH
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
-DREAMBOOTH_SUBJECTS = sorted(p.stem for p in (CONF_DIR / "subject").glob("*.yaml") if not p.stem.startswith("sample_"))
+DREAMBOOTH_SUBJECTS = sorted(p.stem for p in (CONF_DIR / "subject").glob("*.yaml")
+                             if not p.stem.startswith("sample_") and p.stem != "folder")  # folder: your own photos
 SAMPLE_SUBJECTS = ["sample_dog", "sample_dog2", "sample_backpack"]
 
 
