@@ -352,6 +352,14 @@ def verify_unet(source: str, model_cfg) -> tuple[Path, bool] | None:
     return path, verify_sha256(path, expected, fix=refetch)
 
 
+def verify_unet_if_present(source: str, model_cfg) -> tuple[Path, bool] | None:
+    """`verify_unet` when the weights are already on disk (a pre-flight check: a bad cached file fails before
+    anything is written); nothing when they are still to be downloaded (the load checks them then)."""
+    if expected_unet_sha256(model_cfg) is None or find_unet_weights(source, model_cfg) is None:
+        return None
+    return verify_unet(source, model_cfg)
+
+
 # --------------------------------------------------------------------------------------- loading
 def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> SDComponents:
     """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler of an SD 1.x/2.x model.

@@ -313,3 +313,17 @@ def test_checkpoint_json_and_the_report_name_both_ids(make_cfg, tiny_copy):
     assert info.base_model == f"{tiny_copy} (copy of {SD21_OFFICIAL}; UNet sha256 {digest[:12]}… checked)"
     report = build_report(spec_from_runs("t", [info]), [info], group="t")
     assert f"Base model: {info.base_model}." in report.markdown.splitlines()
+
+
+def test_a_cached_unet_that_does_not_match_fails_before_the_run_writes_anything(tiny_copy, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PERSONALIZE_OUTPUTS=str(tmp_path / "out"))
+    result = subprocess.run(
+        [sys.executable, "-m", "personalize.cli", "debug=default", "subject=sample_dog", "model.tiny=false",
+         f"model.pretrained={tiny_copy}", f"model.unet_sha256={'ab' * 32}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"expected {'ab' * 32}" in errors[0] and _sha256(tiny_copy / UNET_FILE) in errors[0]
+    runs = tmp_path / "out" / "train" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # no run dir left behind
