@@ -67,7 +67,7 @@ test-slow: install ## the longer end-to-end tests too
 
 # Ratios measured in one run on a random-weight SD-shaped model (no hub); ~10 min on a 2-core CPU.
 bench: install ## every method's step vs the floor and the naive path, generation, end to end, memory (docs/benchmark.md)
-	$(PY) -m personalize.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache

@@ -1,3 +1,3 @@
-from personalize.bench.run import main
+from benchmarks.run import main
 
 main()

@@ -236,6 +236,6 @@ def parameter_counts(shape_name: str) -> dict[str, float]:
     return {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models.items()}
 
 
-if __name__ == "__main__":  # print the shapes' sizes: python -m personalize.bench.models
+if __name__ == "__main__":  # print the shapes' sizes: python -m benchmarks.models
     for name in SHAPES:
         print(name, {k: round(v, 1) for k, v in parameter_counts(name).items()})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from personalize.bench.measure import ratios, summary
+from benchmarks.measure import ratios, summary
 
 # What the issue asks for.
 TARGETS = {"step_vs_floor": ("<=", 1.05), "e2e": ("<=", 0.15), "eval_generation": (">=", 0.9),

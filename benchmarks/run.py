@@ -1,4 +1,4 @@
-"""`python -m personalize.bench`: run every measurement, print the table, write the JSON.
+"""`python -m benchmarks`: run every measurement, print the table, write the JSON.
 
 Each method is measured in a fresh worker process (so its peak memory is its own), then the generation
 figures in one more; `--quick` (the smoke mode of the test) runs everything in this process on the tiny
@@ -19,8 +19,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from personalize.bench.report import METHODS
-from personalize.bench.training import Plan
+from benchmarks.report import METHODS
+from benchmarks.training import Plan
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds `benchmarks/` and `personalize/`
 
 DEFAULTS = {  # per mode: training plan and generation reps / short steps (None: the full step counts)
     "quick": dict(plan=Plan(warmup=1, steps=2, class_images=2, save_reps=1, progress_bar=False), gen_reps=1, gen_steps=2),
@@ -31,7 +33,7 @@ DEFAULTS = {  # per mode: training plan and generation reps / short steps (None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m personalize.bench",
+        prog="python -m benchmarks",
         description="Training-step, generation, end-to-end and memory figures of every method, as ratios "
                     "measured in one run (see docs/benchmark.md).",
     )
@@ -73,7 +75,7 @@ def _setup_process(threads: int | None) -> None:
 
 
 def train_worker(spec: dict) -> dict:
-    from personalize.bench.training import bench_method
+    from benchmarks.training import bench_method
 
     _setup_process(spec.get("threads"))
     return bench_method(spec["method"], Path(spec["model_dir"]), spec["resolution"], spec["hardware"],
@@ -85,9 +87,9 @@ def generation_worker(spec: dict) -> dict:
     _setup_process(spec.get("threads"))
     import shutil
 
-    from personalize.bench.measure import Clock
-    from personalize.bench.sampling import bench_class_images, bench_evaluation
-    from personalize.bench.training import compose_method, instrumented_fit
+    from benchmarks.measure import Clock
+    from benchmarks.sampling import bench_class_images, bench_evaluation
+    from benchmarks.training import compose_method, instrumented_fit
     from personalize.models import load_pipeline
     from personalize.train import prepare_run
 
@@ -142,11 +144,13 @@ def run_worker(spec: dict, in_process: bool, log_dir: Path) -> dict:
     spec_path = log_dir / f"{name}.spec.json"
     spec_path.write_text(json.dumps(dict(spec, result=str(result_path))))
     env = dict(os.environ)
+    # `benchmarks` sits beside the package, not in it: the worker finds it from any working directory
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     log_path = log_dir / f"{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "personalize.bench", "--worker", str(spec_path)],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--worker", str(spec_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text().strip().splitlines()[-1:] if log_path.exists() else []
@@ -178,7 +182,7 @@ def _meta(args, shape: str, device: str, hardware: str, threads, plan: Plan, gen
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
     if shape != "tiny":
-        from personalize.bench.models import parameter_counts
+        from benchmarks.models import parameter_counts
 
         meta["parameters_m"] = parameter_counts(shape)
     return meta
@@ -203,8 +207,8 @@ def _run(args) -> dict:
     _setup_process(None)
     import torch
 
-    from personalize.bench.models import ensure_eval_models, ensure_model, resolution_of
-    from personalize.bench.report import all_rows, format_table
+    from benchmarks.models import ensure_eval_models, ensure_model, resolution_of
+    from benchmarks.report import all_rows, format_table
     from personalize.config import PROJECT_ROOT
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

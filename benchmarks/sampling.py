@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 
-from personalize.bench.measure import Clock, ratios, summary
+from benchmarks.measure import Clock, ratios, summary
 
 
 class UNetCalls:

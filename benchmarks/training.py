@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from personalize.bench.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
+from benchmarks.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,9 @@ def compose_method(method: str, model_dir: Path, resolution: int, hardware: str,
     eval_overrides = ["eval=none"] if evaluation is None else ["eval=default", *evaluation]
     cfg = compose("train", [
         f"method={method}", "subject=sample_dog", "model=sd21_base", f"model.name=bench-{Path(model_dir).name}",
-        f"model.pretrained={model_dir}", f"model.resolution={resolution}", f"hardware={hardware}", "logger=none",
+        f"model.pretrained={model_dir}", f"model.resolution={resolution}",
+        "model.unet_sha256=null",  # random weights of SD 2.1's shapes, not the official file the hash names
+        f"hardware={hardware}", "logger=none",
         *eval_overrides, f"paths.class_image_dir={work_dir / 'class_images'}", f"paths.log_dir={work_dir / 'logs'}",
         *overrides,
     ], output_dir=work_dir / "run")

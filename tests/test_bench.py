@@ -8,8 +8,8 @@ import torch
 
 
 def test_quick_benchmark_writes_every_row(tmp_path, monkeypatch, capsys):
-    from personalize.bench.report import row_ids
-    from personalize.bench.run import main
+    from benchmarks.report import row_ids
+    from benchmarks.run import main
 
     threads = torch.get_num_threads()
     result = main(["--quick", "--out", str(tmp_path)])
