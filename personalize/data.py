@@ -77,8 +77,8 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise PersonalizeError(
-            f"subject folder '{folder}' does not exist: set subject.data_dir (or DREAMBOOTH_DIR for the "
-            "30 DreamBooth subjects) to a folder of photos"
+            f"subject folder '{folder}' does not exist: set subject.data_dir to a folder of photos (the 30 "
+            "DreamBooth subjects: `make data` fetches them into paths.dreambooth_dir, or set DREAMBOOTH_DIR)"
         )
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]

@@ -287,6 +287,12 @@ def data_task(cfg: DictConfig) -> Path:
     """`personalize-data`: fetch the dataset unless the target already passes the checks (a complete copy
     without the marker, placed by hand, is then marked); `verify_only` only checks, never writes;
     `force` fetches again and replaces what is there."""
+    for key in ("verify_only", "force"):  # `force=yes` would otherwise count as true
+        if not isinstance(cfg[key], bool):
+            raise PersonalizeError(f"{key}={cfg[key]} is not true or false: use {key}=true or {key}=false")
+    if isinstance(cfg.timeout_s, bool) or not isinstance(cfg.timeout_s, (int, float)) \
+            or not 0 < cfg.timeout_s < float("inf"):
+        raise PersonalizeError(f"timeout_s={cfg.timeout_s} is not a positive number of seconds: use e.g. timeout_s=60")
     target = target_dir(cfg)
     url = str(cfg.url)
     if target.parent.is_dir():  # what a killed fetch left beside the target: never read, only disk

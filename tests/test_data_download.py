@@ -278,9 +278,15 @@ def test_archive_names_cannot_leave_the_target(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p != evil) == ["prompts_and_classes.txt"]
 
 
-def test_a_url_that_is_not_one(tmp_path):
+def test_settings_that_are_not_valid(tmp_path):
     with pytest.raises(PersonalizeError, match="url=nope is not a URL .*: use the repository's zip, e.g. url=https://"):
         open_url("nope", 5, tmp_path / "db")
+    with pytest.raises(PersonalizeError, match="verify_only=yes is not true or false: use verify_only=true or verify_only=false"):
+        data(tmp_path / "db", "verify_only=yes")
+    for bad in ("0", "nan", "inf", "soon"):
+        with pytest.raises(PersonalizeError, match=f"timeout_s={bad} is not a positive number of seconds: use e.g. timeout_s=60"):
+            data(tmp_path / "db", f"timeout_s={bad}")
+    assert not (tmp_path / "db").exists()
 
 
 @pytest.mark.skipif(not SHARED_DREAMBOOTH.is_dir(), reason="no ../shared/dreambooth on this machine")
