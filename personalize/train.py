@@ -202,7 +202,7 @@ def check_model(cfg: DictConfig) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from personalize.errors import PersonalizeError
-    from personalize.models import load_pretrained
+    from personalize.models import load_pretrained, verify_unet_if_present
 
     source = resolve_pretrained(cfg.model)
     scheduler = load_pretrained(DDPMScheduler, source, "scheduler", cfg.model)
@@ -214,6 +214,7 @@ def check_model(cfg: DictConfig) -> None:
         )
     vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg.model)
     unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg.model)
+    verify_unet_if_present(source, cfg.model)  # cached weights that do not match model.unet_sha256 fail here
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
     multiple, resolution = vae_factor * unet_factor, int(cfg.model.resolution)
