@@ -66,6 +66,16 @@ _APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
             "personalize-edit run_dir=<run> edit=local_blend seed=3",
         ),
     ),
+    "data": (
+        "personalize-data",
+        "Fetch the DreamBooth dataset (github.com/google/dreambooth: 30 subjects, 158 photos, ~110 MB) into\n"
+        "paths.dreambooth_dir and verify it; offline, say in one line what to download by hand and where to put it.",
+        (
+            "personalize-data                                   # fetch, or say it is already complete",
+            "personalize-data verify_only=true                  # check a copy put there by hand",
+            "personalize-data force=true paths.dreambooth_dir=/data/dreambooth   # fetch again, elsewhere",
+        ),
+    ),
 }
 
 

@@ -23,6 +23,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("personalize-eval", "Evaluate the checkpoints of a finished run"),
     ("personalize-report", "Print a paper's table"),
     ("personalize-edit", "Put a personalized subject into another picture"),
+    ("personalize-data", "Fetch the DreamBooth dataset"),
 ])
 def test_help_starts_with_what_the_tool_does_and_examples(command, what):
     result = run(command, "--help")
