@@ -44,7 +44,7 @@ LOWER_IS_BETTER = {"fid"}
 # Fields of a metrics record that are not metric values.
 # (A superset of personalize.eval.evaluate.RECORD_FIELDS, kept here so the report never imports torch.)
 RECORD_KEYS = {"step", "stage", "stage_step", "method", "subject", "checkpoint", "protocol", "references",
-               "num_images", "key", "spec", "seconds", "time", "base_images", "seed", "run_dir"}
+               "num_images", "key", "spec", "seconds", "time", "base_images", "seed", "run_dir", "metric_settings"}
 # Folders inside a run dir that never hold another run (not walked, so a big sweep is read fast).
 _NOT_RUNS = {"checkpoints", "eval", "samples", "resume", "wandb", ".hydra", ".submitit", "class_images", "models",
              "__pycache__"}

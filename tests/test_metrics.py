@@ -1,13 +1,22 @@
-"""Metrics on the tiny CLIP/DINO stand-ins: exactness, batch/order independence, identifier stripping, errors."""
+"""Metrics on the tiny CLIP/DINO stand-ins: exactness, batch/order independence, identifier stripping, errors;
+the explicit Inception resize of FID/IS and the settings each metrics record carries."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
+import torchmetrics.image.fid as tm_fid
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.inception import InceptionScore
 
 from personalize.errors import PersonalizeError
 from personalize.eval import metrics as M
@@ -195,6 +204,245 @@ def test_missing_torch_fidelity_is_a_clear_error(monkeypatch, standins, name):
     message = str(info.value)
     assert "\n" not in message
     assert "pip install 'personalize[fidelity]'" in message and "eval.fid_features=clip" in message
+
+
+# ---------------------------------------------------------------------------------------------------- Inception resize
+
+
+def tf1_reference(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """TF1 `resize_bilinear(align_corners=False)` from its definition, in float64: output pixel (i, j)
+    reads input position (i * H / out_h, j * W / out_w) and weighs its four neighbours bilinearly (the
+    far neighbour clamped to the last row/column)."""
+    h, w = image.shape[-2:]
+
+    def axis(n_in, n_out):
+        position = np.arange(n_out) * (n_in / n_out)
+        low = np.floor(position).astype(int)
+        return low, np.minimum(low + 1, n_in - 1), position - low
+
+    y0, y1, wy = axis(h, out_h)
+    x0, x1, wx = axis(w, out_w)
+    wy, wx = wy[:, None], wx[None, :]
+
+    def at(ys, xs):
+        return image[..., ys[:, None], xs[None, :]]
+
+    return (1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1)) + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1))
+
+
+def detailed(n: int, seed: int, size: int = 512, scale: float = 1.0) -> torch.Tensor:
+    """uint8 [n,3,size,size]: smooth colour plus fine noise, the detail that an unfiltered downscale aliases."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 24, 24, generator=g)
+    smooth = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    images = (smooth.clamp(0, 1) + 0.15 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1) * scale
+    return (images * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (64, 80), (300, 300), (100, 1000)])
+def test_inception_resize_is_tf1_bilinear(shape):
+    """Down, up, nearly-same and mixed scales, on noise (the worst case for any resize error)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(0, 256, (2, 3, *shape), generator=g, dtype=torch.uint8)
+    expected = tf1_reference(x.double().numpy(), 299, 299)
+    ours = M.resize_bilinear_tf1(x.float(), 299)
+    assert ours.shape == (2, 3, 299, 299)
+    # TF (and we) compute positions in float32: an error of ~6e-8 * 1000 pixels in a position times a
+    # step of at most 255 between neighbours stays below 0.02 grey levels.
+    assert np.abs(ours.double().numpy() - expected).max() < 0.02
+    # what the metric gets: that, rounded to uint8 (within half a level, plus the tolerance above)
+    quantised = M.inception_input(x)
+    assert quantised.dtype == torch.uint8 and quantised.shape == (2, 3, 299, 299)
+    assert np.abs(quantised.double().numpy() - expected).max() <= 0.5 + 0.02
+
+
+def test_inception_resize_exact_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 598, 598), generator=g).float()
+    # exactly half size: TF1 bilinear reads input pixel 2i, weight 0 for its neighbour
+    assert torch.equal(M.resize_bilinear_tf1(x, 299), x[..., ::2, ::2])
+    same = x[..., :299, :299].contiguous()
+    assert torch.equal(M.resize_bilinear_tf1(same, 299), same)
+    assert torch.equal(M.inception_input(same.to(torch.uint8)), same.to(torch.uint8))
+    # float [0,1] input is quantised as a saved PNG would be, then resized like the uint8 image
+    x512 = detailed(2, seed=1)
+    assert torch.equal(M.inception_input(x512.float() / 255), M.inception_input(x512))
+    # and it is not what torchmetrics >= 1.8 does inside its Inception (antialiased bilinear)
+    antialiased = F.interpolate(x512.float(), size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+    assert (M.resize_bilinear_tf1(x512.float(), 299) - antialiased).abs().max() > 10
+
+
+class _Scale(nn.Module):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class _Recorder(nn.Module):
+    """A layer that remembers the last tensor it was given, then applies `inner`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, None
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.inner(x)
+
+
+@pytest.fixture
+def torchmetrics_inception(monkeypatch):
+    """torchmetrics' own Inception module (`NoTrainInceptionV3`: its forward, with its input resize) on
+    four small random layers in place of the Inception weights (a download we cannot make here); feature
+    "64" stops after the fourth (`gain` scales it: IS needs logits that are not all near zero).
+    Where torch-fidelity is not installed (it needs torchvision), the two helpers of it that this forward
+    calls are stood in for: an assert, and our TF1 resize, which is bit-identical to torch-fidelity 0.4's
+    `interpolate_bilinear_2d_like_tensorflow1x` on CPU (measured when this was written; the tests above
+    check it against the definition)."""
+    if tm_fid.vassert is None:
+        def vassert(condition, message):
+            if not condition:
+                raise ValueError(message)
+
+        monkeypatch.setattr(tm_fid, "vassert", vassert)
+    if tm_fid.interpolate_bilinear_2d_like_tensorflow1x is None:
+        monkeypatch.setattr(tm_fid, "interpolate_bilinear_2d_like_tensorflow1x",
+                            lambda x, size, align_corners: M.resize_bilinear_tf1(x, size))
+
+    def build(antialias: bool, gain: float = 1.0) -> NoTrainInceptionV3:
+        torch.manual_seed(0)
+        net = NoTrainInceptionV3.__new__(NoTrainInceptionV3)  # its __init__ downloads the weights
+        nn.Module.__init__(net)
+        net.INPUT_IMAGE_SIZE, net.features_list, net.num_features = 299, ["64"], 16
+        net.use_antialias = antialias  # torchmetrics >= 1.8 reads it; older versions always use TF1 bilinear
+        net.Conv2d_1a_3x3 = _Recorder(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU()))
+        net.Conv2d_2a_3x3 = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU())
+        net.Conv2d_2b_3x3 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), _Scale(gain))
+        net.MaxPool_1 = nn.MaxPool2d(3, stride=2)
+        return net.eval()
+
+    return build
+
+
+# Only torchmetrics >= 1.8 has the antialiased resize whose effect we remove.
+RESIZE_CHANGED = "antialias" in inspect.signature(NoTrainInceptionV3.__init__).parameters
+
+
+def test_torchmetrics_inception_gets_our_299_image_and_does_not_resize_it(torchmetrics_inception):
+    images = detailed(3, seed=2)
+    expected = (M.inception_input(images).float() - 128) / 128  # torchmetrics' scaling, after its resize
+    first_layer_inputs = []
+    for antialias in (False, True):
+        net = torchmetrics_inception(antialias)
+        fid = M.FID(feature=net)  # "auto": torchmetrics' Inception gets our resize
+        assert fid.resize_to == 299
+        fid.update(images, real=True)
+        assert net.Conv2d_1a_3x3.seen.shape == (3, 3, 299, 299)
+        assert torch.equal(net.Conv2d_1a_3x3.seen, expected)  # its own resize left our 299 image alone
+        plain = FrechetInceptionDistance(feature=net)  # torchmetrics alone, given the 512 images
+        plain.update(images, real=True)
+        first_layer_inputs.append(net.Conv2d_1a_3x3.seen)
+    if RESIZE_CHANGED:  # the probe does exercise torchmetrics' resize: its two methods differ at 512
+        assert (first_layer_inputs[0] - first_layer_inputs[1]).abs().max() > 0.05
+
+
+def test_fid_and_is_do_not_depend_on_torchmetrics_resize(torchmetrics_inception):
+    real, fake = detailed(16, seed=3), detailed(16, seed=4, scale=0.8)
+    plain, ours, is_plain, is_ours = {}, {}, {}, {}
+    for antialias in (False, True):
+        metric = FrechetInceptionDistance(feature=torchmetrics_inception(antialias))
+        metric.update(real, True)
+        metric.update(fake, False)
+        plain[antialias] = float(metric.compute())
+        metric = M.FID(feature=torchmetrics_inception(antialias))
+        metric.set_real_images(real)
+        metric.update(list(fake), real=False)  # a list of [3,H,W], as evaluation passes images
+        ours[antialias] = float(metric.compute())
+        metric = InceptionScore(feature=torchmetrics_inception(antialias, gain=300.0), splits=2)
+        metric.update(fake)
+        torch.manual_seed(M.IS_SPLIT_SEED)
+        is_plain[antialias] = float(metric.compute()[0])
+        metric = M.IS(feature=torchmetrics_inception(antialias, gain=300.0), splits=2)
+        metric.update(fake)
+        is_ours[antialias] = float(metric.compute()[0])
+    # ours: the same number whichever resize torchmetrics would apply (same operations on the same shapes)
+    assert ours[False] == ours[True] and is_ours[False] == is_ours[True]
+    assert ours[True] > 0 and is_ours[True] > 1.001  # not degenerate: the two sets differ, the logits spread
+    # and the same as feeding torchmetrics images we resized ourselves
+    metric = FrechetInceptionDistance(feature=torchmetrics_inception(True))
+    metric.update(M.inception_input(real), True)
+    metric.update(M.inception_input(fake), False)
+    assert float(metric.compute()) == ours[True]
+    if RESIZE_CHANGED:
+        assert plain[False] != plain[True] and is_plain[False] != is_plain[True]
+        # ours is the legacy (TF1) number up to the uint8 rounding of the 299 image: much nearer to it
+        # than torchmetrics' antialiased default is (a quarter of that gap; measured well under a tenth)
+        assert abs(ours[True] - plain[False]) < 0.25 * abs(plain[True] - plain[False])
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def test_metric_settings_name_implementation_features_and_resize(standins, clip, torchmetrics_inception):
+    version = torchmetrics.__version__
+    fid = M.FID(feature=torchmetrics_inception(True)).settings()
+    assert fid == {"impl": f"torchmetrics {version} FrechetInceptionDistance", "features": "inception-v3-compat:64",
+                   "extractor": fid["extractor"], "resize": "tf1-bilinear-299"}
+    assert fid["extractor"].startswith("torch-fidelity ")
+    inception_is = M.IS(feature=torchmetrics_inception(True), splits=3).settings()
+    assert inception_is == {"impl": f"torchmetrics {version} InceptionScore", "features": "inception-v3-compat:64",
+                            "extractor": fid["extractor"], "resize": "tf1-bilinear-299", "splits": 3, "split_seed": 0}
+
+    names = ["clip_i", "clip_t", "dino", "clip_score", "fid", "is"]
+    settings = M.metric_settings(M.build_metrics(names, *standins, fid_features="clip", is_splits=2))
+    clip_path, dino_path = map(str, standins)
+    clip_resize = f"shortest-edge-{clip.resize_size}-bicubic-antialias-center-crop-{clip.crop_size}"
+    dino = M.DinoEncoder(dino_path)
+    dino_resize = f"shortest-edge-{dino.resize_size}-bicubic-antialias-center-crop-{dino.crop_size}"
+    assert settings == {
+        "clip_i": {"impl": "personalize CLIPImageSimilarity", "features": f"clip:{clip_path}", "resize": clip_resize},
+        "clip_t": {"impl": "personalize CLIPTextSimilarity", "features": f"clip:{clip_path}", "resize": clip_resize,
+                   "identifiers_removed": list(M.DEFAULT_IDENTIFIERS)},
+        "dino": {"impl": "personalize DINOSimilarity", "features": f"dino:{dino_path}", "resize": dino_resize},
+        "clip_score": {"impl": "personalize ClipScore", "features": f"clip:{clip_path}", "resize": clip_resize,
+                       "identifiers_removed": list(M.DEFAULT_IDENTIFIERS)},
+        "fid": {"impl": f"torchmetrics {version} FrechetInceptionDistance", "features": f"clip:{clip_path}",
+                "resize": clip_resize},
+        "is": {"impl": f"torchmetrics {version} InceptionScore", "resize": clip_resize, "splits": 2, "split_seed": 0,
+               "features": f"clip:{clip_path} zero-shot logits over {len(M.CLASS_NOUNS)} labels"},
+    }
+    assert json.loads(json.dumps(settings)) == settings  # goes into metrics.jsonl as is
+
+
+def test_metrics_record_carries_the_settings_and_readers_ignore_them(make_cfg):
+    """A real (one-step, tiny) run's metrics.jsonl: the record names how each number was computed, and
+    the evaluation's and the report's readers still read the record."""
+    from personalize.eval import evaluate as E
+    from personalize.report import metric_names, read_metrics
+    from personalize.train import fit, prepare_run
+
+    cfg = make_cfg("method=textual_inversion", "subject=sample_dog", "method.stages.token.steps=1",
+                   "method.stages.token.checkpoint_every=1", "eval.protocols=[simple]", "eval.metrics=[clip_i,fid,is]")
+    run = fit(prepare_run(cfg))
+    [record] = E.done_records(run.run_dir)
+    clip = M.ClipEncoder(record["spec"]["clip_model"])
+    clip_resize = f"shortest-edge-{clip.resize_size}-bicubic-antialias-center-crop-{clip.crop_size}"
+    features = f"clip:{record['spec']['clip_model']}"
+    assert record["metric_settings"] == {
+        "clip_i": {"impl": "personalize CLIPImageSimilarity", "features": features, "resize": clip_resize},
+        "fid": {"impl": f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance", "features": features,
+                "resize": clip_resize},
+        "is": {"impl": f"torchmetrics {torchmetrics.__version__} InceptionScore", "resize": clip_resize,
+               "features": f"{features} zero-shot logits over {len(M.CLASS_NOUNS)} labels", "splits": 10,
+               "split_seed": 0},
+    }
+    assert E.is_done([record], 1, "simple", record["key"], ["clip_i", "fid", "is"]) is record
+    assert E.format_table([record]).splitlines()[0].split() == ["step", "stage", "protocol", "clip_i", "fid", "is"]
+    [read] = read_metrics(run.run_dir / E.METRICS_FILE)
+    assert set(metric_names(read)) == {"clip_i", "fid", "is", "is_std"}
 
 
 def test_metric_state_dict_holds_no_model_weights(standins):

@@ -58,7 +58,7 @@ SPEC_FILE = "spec.json"
 GRID_FILE = "grid.png"
 # Columns of a record that say what was evaluated; the metric values sit beside them under their names.
 RECORD_FIELDS = ("step", "stage", "stage_step", "method", "subject", "checkpoint", "protocol", "references",
-                 "num_images", "key", "spec", "seconds", "time", "base_images")
+                 "num_images", "metric_settings", "key", "spec", "seconds", "time", "base_images")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,11 +115,18 @@ class EvalSettings:
 
     def spec(self, protocol: str, images_per_prompt: int) -> dict[str, Any]:
         """Everything that decides a pair's numbers besides the checkpoint: generation + evaluation models."""
-        return {
+        spec = {
             "protocol": protocol, "images_per_prompt": images_per_prompt, "sampler": self.sampler,
             "steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed,
             "clip_model": self.clip_model, "dino_model": self.dino_model, "fid_features": self.fid_features,
         }
+        if self.fid_features == "inception":
+            # Inception FID/IS used to go through torchmetrics' version-dependent resize: records from
+            # before the explicit resize have another key, so their pairs are scored again (from disk).
+            from personalize.eval.metrics import INCEPTION_RESIZE
+
+            spec["inception_resize"] = INCEPTION_RESIZE
+        return spec
 
 
 def _opt_str(value) -> str | None:
@@ -427,7 +434,7 @@ class Evaluator:
     def evaluate_pair(self, pair: Pair) -> dict:
         from tqdm.auto import tqdm
 
-        from personalize.eval.metrics import compute_metrics, reset_metrics, update_metrics
+        from personalize.eval.metrics import compute_metrics, metric_settings, reset_metrics, update_metrics
         from personalize.io import atomic_save_image, atomic_write_json
 
         start = time.time()
@@ -469,6 +476,8 @@ class Evaluator:
             "method": info.get("method"), "subject": info.get("subject"), "checkpoint": pair.checkpoint.name,
             "protocol": protocol.name, "references": references, "num_images": len(samples),
             **{name: _finite_or_none(value) for name, value in scores.items()},
+            # how each number was computed (implementation, versions, features, resize): see metric_settings
+            "metric_settings": metric_settings(metrics),
             "key": pair.key, "spec": pair.spec, "seconds": round(time.time() - start, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -14,6 +14,19 @@ The encoders are plain objects, not `nn.Module`s, and metrics keep them as plain
 that lives on a LightningModule would otherwise put the frozen CLIP/DINO weights into every checkpoint
 (checkpoints hold only what trained). `build_metrics(..., device=...)` places the encoders.
 
+FID and IS on Inception features see images resized by us, not by torchmetrics. torchmetrics 1.8 changed
+its Inception input resize (TensorFlow-1 bilinear without antialiasing before, antialiased bilinear
+since), which changes FID and IS of every image not already 299 pixels. We resize every image to
+299x299 with TensorFlow 1.x's `resize_bilinear` (align_corners=False, no antialiasing): the resize inside
+the original TF Inception graph of the FID and IS papers, which torch-fidelity and torchmetrics < 1.8
+reproduce, so our numbers stay comparable with published ones. (clean-fid argues for PIL's antialiased
+bicubic, which aliases less but gives other numbers than the published FIDs we compare with.) Any
+torchmetrics resize to 299 is the identity on a 299 input, so the installed version no longer matters.
+The one difference from feeding the TF graph: the 299 image is rounded to uint8 (torchmetrics'
+Inception takes only uint8), at most half a grey level per pixel. CLIP/DINO features for FID are resized
+by their encoder's own preprocessing. Each metric's `settings()` (implementation and version, features,
+resize) goes into the metrics record: `metric_settings`.
+
 Typical use, per subject::
 
     metrics = build_metrics(["clip_i", "clip_t", "dino", "fid"], clip_id, dino_id, "clip", device)
@@ -27,6 +40,7 @@ Typical use, per subject::
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -36,11 +50,13 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.inception import InceptionScore
 
+from personalize import instrument
 from personalize.errors import PersonalizeError
 from personalize.eval.standins import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from personalize.prompts import CLASS_NOUNS
@@ -95,6 +111,49 @@ def to_uint8(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# The Inception network's input size, and how our images get there (the name goes into the records).
+INCEPTION_SIZE = 299
+INCEPTION_RESIZE = f"tf1-bilinear-{INCEPTION_SIZE}"
+IS_SPLIT_SEED = 0  # IS shuffles its features into splits: with this seed (see IS.compute)
+
+
+def _tf1_axis(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Along one axis of TF1 `resize_bilinear(align_corners=False)`: output pixel i reads input position
+    i * n_in / n_out (no half-pixel offset), computed in float32 as TensorFlow does; returns the two
+    neighbours (clamped at the border) and the weight of the second."""
+    position = torch.arange(n_out, dtype=torch.float32, device=device) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    low = position.long()  # positions are >= 0, so truncation is floor
+    high = (low + 1).clamp(max=n_in - 1)
+    return low, high, position - low
+
+
+def resize_bilinear_tf1(images: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """[..., H, W] float -> [..., h, w] with TensorFlow 1.x's bilinear resize: no antialiasing, no
+    half-pixel centers (the resize of the TF Inception graph that published FID and IS numbers went
+    through). Each output is lerp(lerp(top-left, top-right), lerp(bottom-left, bottom-right)) in TF's
+    order, so the result matches TF1 (and torch-fidelity's port of it) up to float rounding. A same-size
+    resize is the identity."""
+    if not images.is_floating_point():
+        raise TypeError(f"resize_bilinear_tf1 takes float images, got {images.dtype}")
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    rows_lo, rows_hi, dy = _tf1_axis(images.shape[-2], out_h, images.device)
+    cols_lo, cols_hi, dx = _tf1_axis(images.shape[-1], out_w, images.device)
+    left, right = images[..., cols_lo], images[..., cols_hi]
+    across = left + (right - left) * dx.to(images.dtype)  # every input row, resampled along x
+    top, bottom = across[..., rows_lo, :], across[..., rows_hi, :]
+    return top + (bottom - top) * dy.to(images.dtype)[:, None]
+
+
+def inception_input(images: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
+    """[n,3,H,W] uint8 / float [0,1] -> [n,3,size,size] uint8: quantised first (what a saved PNG holds),
+    TF1-bilinear resized in float, rounded back to uint8, the dtype torchmetrics' Inception requires."""
+    images = to_uint8(images)
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    resized = resize_bilinear_tf1(images.float(), size)
+    return resized.round().clamp(0, 255).to(torch.uint8)  # a convex combination: the clamp is only a guard
 
 
 def num_images(images: ImageInput) -> int:
@@ -189,6 +248,8 @@ def _size(value: Any, key: str) -> int | None:
 class ImageEncoder:
     """A frozen image model that maps images to L2-normalised features (shared machinery)."""
 
+    kind: str  # "clip" / "dino": how records name the features
+    name_or_path: str
     feature_dim: int
     resize_size: int
     crop_size: int
@@ -218,10 +279,16 @@ class ImageEncoder:
     def _forward(self, pixel_values: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, str]:
+        """The features and the image resize, as the metrics records name them."""
+        return {"features": f"{self.kind}:{self.name_or_path}",
+                "resize": f"shortest-edge-{self.resize_size}-bicubic-antialias-center-crop-{self.crop_size}"}
+
     @torch.no_grad()
     def encode_images(self, images: ImageInput) -> Tensor:
         """[N, feature_dim] float32 unit vectors, on the encoder's device."""
-        feats = [self._forward(self.preprocess(batch)) for batch in image_batches(images, self.batch_size)]
+        with instrument.span(f"metrics.encode.{self.kind}"):  # each encoder's share of the metric time
+            feats = [self._forward(self.preprocess(batch)) for batch in image_batches(images, self.batch_size)]
         if not feats:
             return torch.zeros(0, self.feature_dim, device=self.device)
         return F.normalize(torch.cat(feats).float(), dim=-1)
@@ -233,6 +300,8 @@ class ClipEncoder(ImageEncoder):
     Preprocessing comes from the repo's preprocessor_config.json (size, crop, mean/std), falling back to
     the vision config's image_size and the OpenAI CLIP statistics.
     """
+
+    kind = "clip"
 
     def __init__(self, name_or_path: str | os.PathLike = "openai/clip-vit-base-patch32",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32) -> None:
@@ -278,6 +347,8 @@ class DinoEncoder(ImageEncoder):
     image_size and the resize to crop * 256/224, which gives 256/224 for the real model and keeps the
     same ratio for a stand-in with a smaller image_size; both can be given explicitly.
     """
+
+    kind = "dino"
 
     def __init__(self, name_or_path: str | os.PathLike = "facebook/dino-vits16", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 32, resize_size: int | None = None,
@@ -373,6 +444,9 @@ class MeanPairwiseCosine(Metric):
         value = self.gen_sum @ self._ref_sum.to(self.gen_sum.device) / (self.n_gen * self._n_ref)
         return value.float()
 
+    def settings(self) -> dict[str, Any]:
+        return {"impl": f"personalize {type(self).__name__}", **self.encoder.describe()}
+
 
 class CLIPImageSimilarity(MeanPairwiseCosine):
     """CLIP-I: mean CLIP image-feature cosine between generated and reference images."""
@@ -422,6 +496,10 @@ class CLIPTextSimilarity(Metric):
             raise PersonalizeError(f"{type(self).__name__} got no images before compute()")
         return (self.cos_sum / self.n).float()
 
+    def settings(self) -> dict[str, Any]:
+        return {"impl": f"personalize {type(self).__name__}", **self.encoder.describe(),
+                "identifiers_removed": list(self.identifiers)}
+
 
 class ClipScore(CLIPTextSimilarity):
     """CLIP score as in Jindal et al.'s table: 100 * max(mean image-text cosine, 0).
@@ -453,6 +531,9 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.encoder.encode_images(images).to(images.device)
 
+    def describe(self) -> dict[str, str]:
+        return self.encoder.describe()
+
 
 class ClipZeroShotLogits(nn.Module):
     """CLIP zero-shot logits over class labels: the classifier Inception Score needs, from CLIP.
@@ -475,21 +556,69 @@ class ClipZeroShotLogits(nn.Module):
         logits = self.encoder.logit_scale * self.encoder.encode_images(images) @ self._text.T
         return logits.to(images.device)
 
+    def describe(self) -> dict[str, str]:
+        described = self.encoder.describe()
+        return {**described, "features": f"{described['features']} zero-shot logits over {len(self.labels)} labels"}
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _feature_settings(feature: Any, resize_to: int | None) -> dict[str, Any]:
+    """How images become features for FID/IS: the extractor, and the resize applied before it."""
+    if isinstance(feature, NoTrainInceptionV3):
+        described = {"features": f"inception-v3-compat:{','.join(feature.features_list)}",
+                     "extractor": f"torch-fidelity {_version('torch-fidelity')}"}
+    elif hasattr(feature, "describe"):
+        described = dict(feature.describe())
+    else:
+        described = {"features": type(feature).__name__}
+    if resize_to is not None:
+        described["resize"] = f"tf1-bilinear-{resize_to}"
+    elif isinstance(feature, NoTrainInceptionV3):
+        described["resize"] = f"torchmetrics {torchmetrics.__version__} internal"  # version-dependent: say so
+    return described
+
+
+def _resize_to(feature: Any, resize_to: int | None | str) -> int | None:
+    """The size we resize to before the metric sees the images. "auto": 299 for Inception (an int/str
+    feature, or torchmetrics' Inception module itself), none for another feature module, which resizes
+    itself (our CLIP/DINO extractors do, in their preprocessing)."""
+    if resize_to == "auto":
+        return INCEPTION_SIZE if isinstance(feature, (int, str, NoTrainInceptionV3)) else None
+    if resize_to is not None and (not isinstance(resize_to, int) or isinstance(resize_to, bool) or resize_to < 1):
+        raise ValueError(f"FID/IS resize_to must be a positive size, 'auto' or None, got {resize_to!r}")
+    return resize_to
+
 
 class FID(FrechetInceptionDistance):
     """torchmetrics FID that also takes lists / PIL images and float [0,1] images.
+
+    With Inception features every image is resized by us to 299x299 (TF1 bilinear, `inception_input`)
+    before torchmetrics sees it, so torchmetrics' own resize (which changed in 1.8) is the identity.
+    `resize_to`: "auto" (that, for Inception; none for a feature module), a size, or None.
 
     Real (reference) features survive `reset()` (reset_real_features=False): set them once per subject
     with `set_real_images`, then evaluate checkpoint after checkpoint.
     """
 
-    def __init__(self, feature: int | nn.Module = 2048, **kwargs: Any) -> None:
+    def __init__(self, feature: int | nn.Module = 2048, resize_to: int | None | str = "auto", **kwargs: Any) -> None:
         super().__init__(feature=feature, reset_real_features=False, **kwargs)
+        self.resize_to = _resize_to(feature, resize_to)
 
     def update(self, imgs: ImageInput, real: bool) -> None:  # type: ignore[override]
         # uint8 for every extractor: Inception requires it and our encoders accept it.
         for batch in image_batches(imgs, 64):
-            super().update(to_uint8(batch).to(self.device), real)
+            batch = to_uint8(batch).to(self.device)
+            super().update(inception_input(batch, self.resize_to) if self.resize_to else batch, real)
+
+    def settings(self) -> dict[str, Any]:
+        return {"impl": f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance",
+                **_feature_settings(self.inception, self.resize_to)}
 
     def reset_real(self) -> None:
         self.real_features_sum.zero_()
@@ -505,18 +634,32 @@ class FID(FrechetInceptionDistance):
 
 
 class IS(InceptionScore):
-    """torchmetrics Inception Score that also takes lists / PIL images and float [0,1] images."""
+    """torchmetrics Inception Score that also takes lists / PIL images and float [0,1] images.
+
+    Inception inputs are resized by us to 299x299 as for FID (`resize_to` as there).
+    """
+
+    def __init__(self, feature: str | int | nn.Module = "logits_unbiased", splits: int = 10,
+                 resize_to: int | None | str = "auto", **kwargs: Any) -> None:
+        super().__init__(feature=feature, splits=splits, **kwargs)
+        self.resize_to = _resize_to(feature, resize_to)
 
     def update(self, imgs: ImageInput) -> None:  # type: ignore[override]
         for batch in image_batches(imgs, 64):
-            super().update(to_uint8(batch).to(self.device))
+            batch = to_uint8(batch).to(self.device)
+            super().update(inception_input(batch, self.resize_to) if self.resize_to else batch)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         # torchmetrics shuffles the features into splits with the global RNG: fix it, so the same images
         # give the same score whatever ran before (a resumed evaluation, another checkpoint first).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(IS_SPLIT_SEED)
             return super().compute()
+
+    def settings(self) -> dict[str, Any]:
+        return {"impl": f"torchmetrics {torchmetrics.__version__} InceptionScore",
+                **_feature_settings(self.inception, self.resize_to), "splits": self.splits,
+                "split_seed": IS_SPLIT_SEED}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,6 +677,8 @@ def _require_torch_fidelity(what: str) -> None:
 
 
 
+# The five entry points below are spans (personalize.instrument): the benchmark's metric share is made of them.
+@instrument.timed("metrics.build")
 def build_metrics(
     names: Sequence[str],
     clip_model: str | os.PathLike | ClipEncoder | None = "openai/clip-vit-base-patch32",
@@ -601,6 +746,7 @@ def build_metrics(
     return {name: metric.to(device) for name, metric in metrics.items()}
 
 
+@instrument.timed("metrics.references")
 def set_references(metrics: Mapping[str, Metric], images: ImageInput) -> None:
     """Give every metric that compares against references the subject's reference images (once per subject)."""
     images = list(images) if not isinstance(images, Tensor) else images  # iterated more than once
@@ -615,6 +761,7 @@ def set_references(metrics: Mapping[str, Metric], images: ImageInput) -> None:
             metric.set_real_images(images)
 
 
+@instrument.timed("metrics.update")
 def update_metrics(metrics: Mapping[str, Metric], images: ImageInput,
                    prompts: str | Sequence[str] | None = None) -> None:
     """Feed one batch of generated images (and their prompts, for CLIP-T / CLIP score) to every metric.
@@ -642,6 +789,7 @@ def update_metrics(metrics: Mapping[str, Metric], images: ImageInput,
             metric.update(images)
 
 
+@instrument.timed("metrics.compute")
 def compute_metrics(metrics: Mapping[str, Metric]) -> dict[str, float]:
     """name -> float; IS gives "is" (mean over splits) and "is_std"."""
     out: dict[str, float] = {}
@@ -654,6 +802,13 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> dict[str, float]:
     return out
 
 
+def metric_settings(metrics: Mapping[str, Metric]) -> dict[str, dict[str, Any]]:
+    """name -> how that metric was computed (implementation and version, features, resize, ...): what a
+    metrics record carries so that its numbers can be compared with others (or told apart)."""
+    return {name: metric.settings() for name, metric in metrics.items()}
+
+
+@instrument.timed("metrics.reset")
 def reset_metrics(metrics: Mapping[str, Metric]) -> None:
     """Clear the generated side for the next checkpoint; references and FID real features stay."""
     for metric in metrics.values():
