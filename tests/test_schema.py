@@ -394,3 +394,12 @@ def test_a_prediction_type_our_loss_cannot_train_is_one_line(make_cfg, tiny_mode
     assert one_line(error) == (
         f"model '{model}' has prediction_type=sample (scheduler/scheduler_config.json), which this training cannot "
         "target: use a model whose scheduler predicts one of epsilon, v_prediction")
+
+
+def test_a_value_hydra_alone_can_resolve_does_not_hide_the_others():
+    """Composed outside a Hydra app, paths.output_dir (${hydra:runtime.output_dir}) cannot resolve: it is left
+    to the code that uses it, and every other value is still checked."""
+    cfg = compose("train", ["debug=default", "model.resolution=0"])
+    with pytest.raises(PersonalizeError, match=r"^model.resolution=0 is out of range"):
+        check_values(cfg)
+    check_values(compose("train", ["debug=default"]))
