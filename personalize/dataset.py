@@ -262,18 +262,24 @@ def fetch(url: str, target: Path, timeout: float = 60.0) -> Inspection:
     """Download, unpack and check the dataset in a staging folder beside `target`, then rename it into
     place (replacing what was there). Any failure leaves `target` as it was."""
     response = open_url(url, timeout, target)
-    with response, atomic_dir(target) as staging:
-        archive = staging / ".archive.zip"
-        download(response, archive, url, target)
-        extract_dataset(archive, staging, url, target)
-        archive.unlink()
-        found = inspect_dataset(staging)
-        if found.problems:
-            raise PersonalizeError(
-                f"the archive from {url} is not the complete DreamBooth dataset: {found.first_problem()}; "
-                f"nothing was written to {target}"
-            )
-        write_marker(staging, found, url)  # last: only a fully checked folder carries it
+    try:
+        with response, atomic_dir(target) as staging:
+            archive = staging / ".archive.zip"
+            download(response, archive, url, target)
+            extract_dataset(archive, staging, url, target)
+            archive.unlink()
+            found = inspect_dataset(staging)
+            if found.problems:
+                raise PersonalizeError(
+                    f"the archive from {url} is not the complete DreamBooth dataset: {found.first_problem()}; "
+                    f"nothing was written to {target}"
+                )
+            write_marker(staging, found, url)  # last: only a fully checked folder carries it
+    except OSError as error:  # the network's errors are PersonalizeErrors by now: this is the disk
+        raise PersonalizeError(
+            f"cannot write the dataset beside {target} ({error}): it needs ~250 MB while unpacking and a folder "
+            "you can write to; choose another with DREAMBOOTH_DIR=<dir> (or paths.dreambooth_dir=<dir>)"
+        ) from error
     found.root = Path(target)
     return found
 

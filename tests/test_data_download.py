@@ -289,6 +289,13 @@ def test_settings_that_are_not_valid(tmp_path):
     assert not (tmp_path / "db").exists()
 
 
+def test_a_target_that_cannot_be_written_is_one_line(archive, tmp_path):
+    zip_path, _ = archive
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(PersonalizeError, match=r"cannot write the dataset beside .*a-file/db \(.*\): it needs ~250 MB"):
+        data(tmp_path / "a-file" / "db", f"url={zip_path.as_uri()}")
+
+
 @pytest.mark.skipif(not SHARED_DREAMBOOTH.is_dir(), reason="no ../shared/dreambooth on this machine")
 def test_the_real_dataset_passes_the_checks(tmp_path):
     before = sorted(p.name for p in SHARED_DREAMBOOTH.iterdir())
