@@ -135,7 +135,14 @@ class RunProgressBar(TQDMProgressBar):
         stage = stage_at(module.stages, max(step - 1, 0))
         return f"{self.method} · stage {stage.name} {step - stage.start}/{stage.steps}"
 
+    def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
+        self._start(trainer, module)
+
     def on_train_epoch_start(self, trainer, module) -> None:
+        self._start(trainer, module)  # (not called when a run resumes in the middle of its one epoch)
+
+    def _start(self, trainer, module) -> None:
         # the run is one long epoch: Lightning's "Epoch 0" and its batch count say nothing about it
         bar = self.train_progress_bar
         bar.reset(total=module.total_steps())
