@@ -4,14 +4,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel by default (a plain `torch` would pull GBs of CUDA packages on a CPU box).
-# On a GPU machine: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# On a GPU machine: make install-gpu (below).
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 # e.g. BENCH_ARGS=--quick (smoke, seconds) | "--sd21 --device cuda" (SD 2.1-base shapes on a GPU)
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install data run edit-demo sweep-smoke report-smoke test test-slow bench clean
+.PHONY: help install install-gpu data run edit-demo sweep-smoke report-smoke test test-slow bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install torch + the package (editable) + test tools
+
+# On a Linux CUDA machine PyPI's torch wheel is the CUDA build (TORCH_GPU="torch==2.13.0 --index-url <a cuXXX
+# wheel index>" picks another CUDA); torchvision + torch-fidelity give Inception FID/IS, bitsandbytes 8-bit Adam.
+TORCH_GPU ?= torch==2.13.0 torchvision
+install-gpu: ## on a CUDA machine: .venv with the CUDA torch, Inception FID/IS and 8-bit Adam (README "On a GPU machine")
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_GPU)
+	$(PY) -m pip install -q -e ".[dev,fidelity,bnb]"
+	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+	touch $(VENV)/.installed
 
 # The DreamBooth dataset (30 subjects, 158 photos, ~110 MB) into paths.dreambooth_dir (DREAMBOOTH_DIR, else
 # ../shared/dreambooth); DATA_ARGS=verify_only=true checks a copy put there by hand, DATA_ARGS=force=true fetches again.
