@@ -78,6 +78,8 @@ class ArtifactCheckpoint(L.Callback):
                 prune_resume_states(self.run_dir, keep=state)
                 if stop:
                     log.warning("%s: saved the resume state %s", signals.signal_name(stop[0]), state)
+            if not stop:  # one that came while this step's checkpoint was written: stop now, it is saved
+                stop = self._stop_signals(trainer, step, agree=True)
         if stop:
             raise signals.Interrupted(stop, "training", step, self.run_dir)
 
