@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from personalize import instrument
 from personalize.errors import PersonalizeError
 
 log = logging.getLogger(__name__)
@@ -381,6 +382,7 @@ def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> 
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
+@instrument.timed("load_pipeline")  # the benchmark times pipeline loads through this span
 def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
     """A stock `StableDiffusionPipeline` of the base model; `components` replace loaded ones (e.g. unet=)."""
     from diffusers import StableDiffusionPipeline

@@ -85,16 +85,26 @@ def component_dtypes(stages, frozen: torch.dtype) -> dict[str, torch.dtype]:
     }
 
 
+def class_image_spec(cfg: DictConfig, subject: Subject) -> ClassImageSpec:
+    """What decides the run's class images (their cache folder is `spec.folder(paths.class_image_dir)`).
+
+    Public so that a caller can fill that folder beforehand: the benchmark puts placeholder pictures
+    there, since a training step's cost does not depend on what the class images show.
+    """
+    ci = cfg.class_images
+    return ClassImageSpec(
+        model=resolve_pretrained(cfg.model), revision=cfg.model.get("revision"),
+        prompt=str(ci.prompt).format(class_noun=subject.class_noun), negative_prompt=str(ci.negative_prompt or ""),
+        sampler=str(ci.sampler), steps=int(ci.steps), guidance_scale=float(ci.guidance_scale),
+        resolution=int(cfg.model.resolution), seed=int(ci.seed),
+    )
+
+
 def prepare_class_images(cfg: DictConfig, subject: Subject, stages, device, dtype) -> torch.Tensor | None:
     if not any(stage.prior_loss_weight > 0 for stage in stages):
         return None
     ci = cfg.class_images
-    prompt = str(ci.prompt).format(class_noun=subject.class_noun)
-    spec = ClassImageSpec(
-        model=resolve_pretrained(cfg.model), revision=cfg.model.get("revision"), prompt=prompt,
-        negative_prompt=str(ci.negative_prompt or ""), sampler=str(ci.sampler), steps=int(ci.steps),
-        guidance_scale=float(ci.guidance_scale), resolution=int(cfg.model.resolution), seed=int(ci.seed),
-    )
+    spec = class_image_spec(cfg, subject)
     from personalize.resume import is_launch_rank_zero
 
     paths = ensure_class_images(

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from personalize import instrument
 from personalize.checkpoints import load_run_config
 from personalize.errors import PersonalizeError
 from personalize.io import read_jsonl
@@ -353,6 +354,7 @@ class Evaluator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # what training left in the caching allocator
             self.pipe = make_sampler(load_pipeline(self.model_cfg, dtype=self.dtype), self.settings.sampler).to(self.device)
+            instrument.publish("eval.pipeline", self.pipe)  # the benchmark times its UNet calls
         return self.pipe
 
     def use_checkpoint(self, checkpoint: Path) -> None:
@@ -362,6 +364,7 @@ class Evaluator:
             apply_checkpoint(self.pipeline(), checkpoint)
             self.applied = checkpoint
 
+    @instrument.timed("eval.encoders")
     def encoders(self) -> tuple[Any, Any]:
         """(clip, dino) encoders as needed by the metrics (None where not needed); loaded once."""
         from personalize.eval.metrics import ClipEncoder, DinoEncoder
@@ -399,6 +402,7 @@ class Evaluator:
 
     # -- generation ---------------------------------------------------------------------------------
 
+    @instrument.timed("eval.generate")
     @torch.no_grad()
     def generate(self, samples: Sequence) -> list:
         """PIL images for protocol samples, one CPU generator per image seeded with the sample's seed."""
@@ -431,6 +435,7 @@ class Evaluator:
 
     # -- one pair -----------------------------------------------------------------------------------
 
+    @instrument.timed("eval.pair")  # one checkpoint x protocol: generation, metrics, grid, record
     def evaluate_pair(self, pair: Pair) -> dict:
         from tqdm.auto import tqdm
 
