@@ -24,8 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
 
+from personalize.eval.standins import ensure_tiny_clip, ensure_tiny_dino
 from personalize.io import build_atomically
+from personalize.prompts import project_vocabulary
+from personalize.tiny import TINY_RESOLUTION, ensure_tiny_sd, tokenizer_files
+from personalize.tiny import build_tokenizer as tiny_tokenizer
 
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary size: the embedding table has the real shape
 
@@ -69,11 +75,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
     The padding entries are never produced by BPE (no merges lead to them); they only give the text
     encoder's token-embedding table its real size, which matters for memory and for textual inversion.
     """
-    from transformers import CLIPTokenizer
-
-    from personalize.prompts import project_vocabulary
-    from personalize.tiny import tokenizer_files
-
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab, merges = tokenizer_files(project_vocabulary())
     specials = [bos, eos]  # last, as in the real vocabulary (49406, 49407)
@@ -125,9 +126,6 @@ SCHEDULER_EXTRA = dict(clip_sample=False)
 
 
 def build_sd(shape: Shape, out_dir: Path) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(out_dir / "tokenizer", shape.vocab_size)
     configs = sd_configs(shape, len(tokenizer))
@@ -156,8 +154,6 @@ def build_sd(shape: Shape, out_dir: Path) -> None:
 def ensure_model(shape_name: str, cache_dir: Path) -> Path:
     """The pipeline folder of `shape_name` ("bench", "sd21" or "tiny"), built on first use."""
     if shape_name == "tiny":
-        from personalize.tiny import ensure_tiny_sd
-
         return ensure_tiny_sd(Path(cache_dir) / "models" / "tiny-sd-v1")
     shape = SHAPES[shape_name]
     path = Path(cache_dir) / "bench" / f"{shape.name}-{shape.key()}"
@@ -166,8 +162,6 @@ def ensure_model(shape_name: str, cache_dir: Path) -> Path:
 
 def resolution_of(shape_name: str) -> int:
     if shape_name == "tiny":
-        from personalize.tiny import TINY_RESOLUTION
-
         return TINY_RESOLUTION
     return SHAPES[shape_name].resolution
 
@@ -175,10 +169,6 @@ def resolution_of(shape_name: str) -> int:
 # ------------------------------------------------------------------ evaluation models (real shapes)
 def _build_clip_b32(out_dir: Path) -> None:
     """`openai/clip-vit-base-patch32`'s architecture with random weights (tokenizer at the root, like the hub)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from personalize.tiny import build_tokenizer as tiny_tokenizer
-
     tokenizer = tiny_tokenizer(out_dir)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -199,8 +189,6 @@ def _build_clip_b32(out_dir: Path) -> None:
 
 def _build_dino_s16(out_dir: Path) -> None:
     """`facebook/dino-vits16`'s architecture with random weights."""
-    from transformers import ViTConfig, ViTModel
-
     config = ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
                        image_size=224, patch_size=16, qkv_bias=True)
     with torch.random.fork_rng(devices=[]):
@@ -211,8 +199,6 @@ def _build_dino_s16(out_dir: Path) -> None:
 def ensure_eval_models(cache_dir: Path, tiny: bool = False) -> tuple[Path, Path]:
     """(CLIP folder, DINO folder): real-shaped random models, or the test suite's tiny stand-ins."""
     if tiny:
-        from personalize.eval.standins import ensure_tiny_clip, ensure_tiny_dino
-
         return (ensure_tiny_clip(Path(cache_dir) / "models" / "tiny-clip"),
                 ensure_tiny_dino(Path(cache_dir) / "models" / "tiny-dino"))
     root = Path(cache_dir) / "bench"
@@ -222,9 +208,6 @@ def ensure_eval_models(cache_dir: Path, tiny: bool = False) -> tuple[Path, Path]
 
 def parameter_counts(shape_name: str) -> dict[str, float]:
     """Millions of parameters per component, counted on the meta device (nothing is allocated)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     shape = SHAPES[shape_name]
     configs = sd_configs(shape, shape.vocab_size)
     with torch.device("meta"):

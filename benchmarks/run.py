@@ -12,15 +12,31 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.report import METHODS
-from benchmarks.training import Plan
+import diffusers
+import lightning
+import torch
+import transformers
+
+from benchmarks.catalog import method_names
+from benchmarks.measure import Clock
+from benchmarks.models import ensure_eval_models, ensure_model, parameter_counts, resolution_of
+from benchmarks.report import all_rows, format_table
+from benchmarks.sampling import bench_class_images, bench_evaluation
+from benchmarks.training import Plan, bench_method, compose_method, instrumented_fit
+from personalize.cli import quiet_libraries
+from personalize.config import PROJECT_ROOT
+from personalize.io import atomic_write_json
+from personalize.models import load_pipeline
+from personalize.train import prepare_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds `benchmarks/` and `personalize/`
 
@@ -41,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sd21", action="store_true", help="full SD 2.1-base shapes (random weights; for a GPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when there is one)")
     p.add_argument("--hardware", default=None, help="conf/hardware option (default: cpu on CPU, auto on GPU)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated methods to measure")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to measure (default: every conf/method/*.yaml but _*)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per stage and path")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per stage and path")
     p.add_argument("--gen-reps", type=int, default=None, help="reps of each generation measurement")
@@ -57,7 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override of the train config for every run, e.g. --set hardware.compile_unet=true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    known = method_names()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else known
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        p.error(f"--methods has {unknown[0]!r}, which is not a method of conf/method/: choose from {', '.join(known)}")
+    return args
 
 
 # ------------------------------------------------------------------ workers (in a child process or in this one)
@@ -65,18 +87,12 @@ def _setup_process(threads: int | None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    import torch
-
-    from personalize.cli import quiet_libraries
-
     quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
 
 
 def train_worker(spec: dict) -> dict:
-    from benchmarks.training import bench_method
-
     _setup_process(spec.get("threads"))
     return bench_method(spec["method"], Path(spec["model_dir"]), spec["resolution"], spec["hardware"],
                         Plan(**spec["plan"]), spec.get("overrides", []))
@@ -85,14 +101,6 @@ def train_worker(spec: dict) -> dict:
 def generation_worker(spec: dict) -> dict:
     """Class images (item 3) and evaluation (item 5), on a real one-step textual-inversion run's checkpoint."""
     _setup_process(spec.get("threads"))
-    import shutil
-
-    from benchmarks.measure import Clock
-    from benchmarks.sampling import bench_class_images, bench_evaluation
-    from benchmarks.training import compose_method, instrumented_fit
-    from personalize.models import load_pipeline
-    from personalize.train import prepare_run
-
     work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
     try:
         clip, dino = spec["eval_models"]
@@ -110,7 +118,7 @@ def generation_worker(spec: dict) -> dict:
         reps, steps = spec["gen_reps"], spec["gen_steps"]
         result = {"class_pipeline_load_s": load_s,
                   "samples_images": len(cfg.samples.prompts) * int(cfg.samples.num_images)}
-        result["class_images"] = bench_class_images(pipe, cfg, Path(spec["model_dir"]), run.device, clock, reps, steps)
+        result["class_images"] = bench_class_images(pipe, cfg, run.device, clock, reps, steps)
         del pipe
         gc.collect()
         result["evaluation"] = bench_evaluation(run, cfg.eval, clock, reps, steps)
@@ -135,8 +143,6 @@ def run_worker(spec: dict, in_process: bool, log_dir: Path) -> dict:
         try:
             return WORKERS[spec["kind"]](spec)
         except Exception as error:  # noqa: BLE001 - one failing measurement must not lose the others
-            import traceback
-
             traceback.print_exc()
             return {"error": f"{type(error).__name__}: {error}"}
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -160,11 +166,6 @@ def run_worker(spec: dict, in_process: bool, log_dir: Path) -> dict:
 
 # ------------------------------------------------------------------ the run
 def _meta(args, shape: str, device: str, hardware: str, threads, plan: Plan, gen_reps, gen_steps) -> dict:
-    import diffusers
-    import lightning
-    import torch
-    import transformers
-
     meta = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:], "shape": shape, "device": device,
         "hardware": hardware, "threads_per_process": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -182,8 +183,6 @@ def _meta(args, shape: str, device: str, hardware: str, threads, plan: Plan, gen
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
     if shape != "tiny":
-        from benchmarks.models import parameter_counts
-
         meta["parameters_m"] = parameter_counts(shape)
     return meta
 
@@ -193,8 +192,6 @@ def main(argv=None) -> dict | None:
     if args.worker:
         _worker_main(args.worker)
         return None
-    import torch
-
     threads_before = torch.get_num_threads()
     try:
         return _run(args)
@@ -205,12 +202,6 @@ def main(argv=None) -> dict | None:
 def _run(args) -> dict:
     started = time.perf_counter()
     _setup_process(None)
-    import torch
-
-    from benchmarks.models import ensure_eval_models, ensure_model, resolution_of
-    from benchmarks.report import all_rows, format_table
-    from personalize.config import PROJECT_ROOT
-
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA GPU is visible (a CPU-only torch?); use --device cpu")
@@ -247,7 +238,7 @@ def _run(args) -> dict:
                   overrides=args.overrides, plan=asdict(plan))
 
     training: dict = {}
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     for i, method in enumerate(methods, 1):
         start = time.perf_counter()
         training[method] = run_worker(dict(common, kind="train", method=method), in_process, log_dir)
@@ -265,8 +256,6 @@ def _run(args) -> dict:
     result = {"meta": meta, "rows": rows, "e2e": e2e, "training": training, "generation": gen}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stamp}.json"
-    from personalize.io import atomic_write_json
-
     atomic_write_json(path, result)
     print()
     print(format_table(rows))

@@ -16,16 +16,24 @@ same computation), so its noise does not tilt the ratio. `--full-gen` runs the r
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
-from unittest import mock
 
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks.measure import Clock, ratios, summary
+from personalize import instrument
+from personalize.checkpoints import apply_checkpoint
+from personalize.class_images import ensure_class_images
+from personalize.data import Subject
+from personalize.eval.evaluate import EvalSettings, evaluate_run
+from personalize.eval.protocols import build_protocol
+from personalize.models import load_pipeline, make_sampler
+from personalize.train import class_image_spec
 
 
 class UNetCalls:
@@ -116,13 +124,10 @@ def abba(reps: int):
 
 
 # ------------------------------------------------------------------ 3. class images
-def bench_class_images(pipe, cfg, model_dir: Path, device, clock: Clock, reps: int, short_steps: int | None,
+def bench_class_images(pipe, cfg, device, clock: Clock, reps: int, short_steps: int | None,
                        stock_steps: int = 50, stock_batch: int = 4) -> dict:
     """images/s of `ensure_class_images` (the configured sampler, steps, batch) ÷ the stock pipeline's
     default sampler at `stock_steps` and batch `stock_batch`, images written to disk on both sides."""
-    from personalize.class_images import ClassImageSpec, ensure_class_images
-    from personalize.models import make_sampler
-
     ci = cfg.class_images
     prompt = str(ci.prompt).format(class_noun=cfg.subject.class_noun)
     resolution = int(cfg.model.resolution)
@@ -136,11 +141,9 @@ def bench_class_images(pipe, cfg, model_dir: Path, device, clock: Clock, reps: i
     work = Path(tempfile.mkdtemp(prefix="bench-class-images-"))
     try:
         def run_ours(rep: int) -> None:
-            spec = ClassImageSpec(
-                model=str(model_dir), revision=None, prompt=prompt, negative_prompt=str(ci.negative_prompt or ""),
-                sampler=str(ci.sampler), steps=short_steps or ours_steps, guidance_scale=float(ci.guidance_scale),
-                resolution=resolution, seed=int(ci.seed) + 1000 * rep,
-            )
+            # the run's own spec; each rep at other seeds, so that it generates instead of reading the cache
+            spec = replace(class_image_spec(cfg, Subject.from_cfg(cfg.subject)), steps=short_steps or ours_steps,
+                           seed=int(ci.seed) + 1000 * rep)
             calls.take()
             start = clock()
             ensure_class_images(spec, batch, work / f"ours-{rep}", lambda: pipe, batch_size=batch, device=device)
@@ -174,54 +177,47 @@ def bench_class_images(pipe, cfg, model_dir: Path, device, clock: Clock, reps: i
 
 
 # ------------------------------------------------------------------ 5. evaluation
-class _Accumulator:
-    """Wraps functions so that the seconds spent in each are summed under a name."""
+class SpanTotals:
+    """Listens to `personalize.instrument`: seconds and calls per span name, summed; and forward hooks
+    on the UNet of every pipeline the evaluation publishes, so its generation splits like a raw call.
+
+    The spans are the evaluation's own (personalize/eval): `eval.pair` (one checkpoint x protocol),
+    `eval.generate`, `eval.encoders` (loading CLIP/DINO), `metrics.build`, `metrics.references`,
+    `metrics.update`, `metrics.compute`, `metrics.reset`, `metrics.encode.<clip|dino>` (inside update
+    and references) and `load_pipeline`.
+    """
 
     def __init__(self, clock: Clock):
         self.clock = clock
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.unets: list[UNetCalls] = []
 
-    def wrap(self, name: str, fn):
-        def timed_fn(*args, **kwargs):
-            start = self.clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
-                self.counts[name] = self.counts.get(name, 0) + 1
-        return timed_fn
+    def on_span(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + 1
 
-    def take(self) -> dict:
-        out, self.seconds, self.counts = dict(self.seconds), {}, {}
-        return out
+    def on_object(self, name: str, obj) -> None:
+        if name == "eval.pipeline":
+            self.unets.append(UNetCalls(obj, self.clock))
+
+    def listening(self):
+        return instrument.listen(self.on_span, on_object=self.on_object, clock=self.clock)
+
+    def take(self) -> tuple[dict[str, float], dict[str, int], list[tuple[float, float]]]:
+        """(seconds per span, calls per span, UNet calls of the last published pipeline) since the last
+        take; unhooks the pipelines."""
+        seconds, counts, self.seconds, self.counts = self.seconds, self.counts, {}, {}
+        calls = self.unets[-1].take() if self.unets else []
+        for hook in self.unets:
+            hook.remove()
+        self.unets.clear()
+        return seconds, counts, calls
 
 
-METRIC_FUNCTIONS = ("build_metrics", "set_references", "update_metrics", "compute_metrics", "reset_metrics")
-
-
-@contextlib.contextmanager
-def instrumented_evaluation(acc: _Accumulator, clock: Clock, hooks: list):
-    """`evaluate_run` as it is, with the time of its parts summed: generation, metrics, encoders, pairs."""
-    from personalize import models
-    from personalize.eval import metrics
-    from personalize.eval.evaluate import Evaluator
-
-    real_load = models.load_pipeline
-
-    def load_pipeline(*args, **kwargs):
-        pipe = real_load(*args, **kwargs)
-        hooks.append(UNetCalls(pipe, clock))
-        return pipe
-
-    patches = [mock.patch.object(models, "load_pipeline", acc.wrap("load_pipeline", load_pipeline))]
-    patches += [mock.patch.object(metrics, name, acc.wrap(name, getattr(metrics, name))) for name in METRIC_FUNCTIONS]
-    for name in ("generate", "encoders", "evaluate_pair"):
-        patches.append(mock.patch.object(Evaluator, name, acc.wrap(name, getattr(Evaluator, name))))
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch)
-        yield
+# What the metric share counts per pair, and what happens once per evaluation (reported apart).
+PAIR_METRIC_SPANS = ("metrics.update", "metrics.compute", "metrics.reset")
+ONCE_METRIC_SPANS = ("eval.encoders", "metrics.references")
 
 
 def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | None) -> dict:
@@ -231,15 +227,9 @@ def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | 
     PNG writes, grid, record). Raw: one `pipe(prompts, generator=...)` call on the same personalized
     pipeline, same sampler, steps, batch and resolution. Metric share: the metric time of the pair
     (update + compute) over the pair's time; loading CLIP/DINO and encoding the references happen once
-    per evaluation and are reported apart.
+    per evaluation and are reported apart. The parts of ours are the evaluation's own spans
+    (`SpanTotals`), its UNet calls timestamped by hooks on the pipeline it publishes.
     """
-    from omegaconf import OmegaConf
-
-    from personalize.checkpoints import apply_checkpoint
-    from personalize.eval.evaluate import EvalSettings, evaluate_run
-    from personalize.eval.protocols import build_protocol
-    from personalize.models import load_pipeline, make_sampler
-
     settings = EvalSettings.from_cfg(eval_cfg)
     batch, full_steps = settings.batch_size, settings.steps
     short = short_steps or full_steps
@@ -259,25 +249,25 @@ def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | 
     samples = list(protocol.samples())
 
     ours, raw = Side("ours", batch, full_calls), Side("raw", batch, full_calls)
-    acc, hooks = _Accumulator(clock), []
+    spans = SpanTotals(clock)
     parts = []
 
     def run_ours(rep: int) -> None:
         for stale in (run.run_dir / "metrics.jsonl", run.run_dir / "eval"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        with instrumented_evaluation(acc, clock, hooks):
+        with spans.listening():
             start = clock()
             evaluate_run(run.run_dir, eval_cfg, run_cfg=run.cfg, device=device, dtype=dtype)
             total = clock() - start
-        took = acc.take()
-        stamps = hooks[-1].take()
-        for hook in hooks:
-            hook.remove()
-        hooks.clear()
-        pair_metrics = took.get("update_metrics", 0.0) + took.get("compute_metrics", 0.0) + took.get("reset_metrics", 0.0)
-        once_metrics = took.get("encoders", 0.0) + took.get("set_references", 0.0)
-        pair = took.get("evaluate_pair", 0.0)
-        parts.append(dict(took, evaluate_run=total, pair_metrics=pair_metrics, once_metrics=once_metrics))
+        took, counts, stamps = spans.take()
+        if "eval.pair" not in took or not stamps:
+            raise RuntimeError(f"the evaluation reported spans {sorted(took)} and {len(stamps)} UNet calls: "
+                               "personalize/eval no longer marks what this benchmark times (personalize.instrument)")
+        pair_metrics = sum(took.get(name, 0.0) for name in PAIR_METRIC_SPANS)
+        once_metrics = sum(took.get(name, 0.0) for name in ONCE_METRIC_SPANS)
+        pair = took["eval.pair"]
+        parts.append(dict(took, evaluate_run=total, pair_metrics=pair_metrics, once_metrics=once_metrics,
+                          span_calls=counts))
         ours.add(pair - pair_metrics, stamps, {"pair_s": pair, "pair_metrics_s": pair_metrics})
 
     def run_raw(rep: int) -> None:
@@ -306,6 +296,9 @@ def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | 
         "ratio": summary(ratios(ours.images_per_s(), raw.images_per_s())),
         "metric_share": summary(share), "metric_pair_s": summary(metric_s),
         "metric_once_s": summary(p["once_metrics"] for p in parts), "parts": parts,
+        # image features per encoder, over the whole evaluation (the references' and the pair's)
+        "metric_encode_s": {name.rsplit(".", 1)[1]: summary(p.get(name, 0.0) for p in parts)
+                            for name in sorted({n for p in parts for n in p if n.startswith("metrics.encode.")})},
         "evaluate_run_s": summary(p["evaluate_run"] for p in parts),
     }
 

@@ -6,6 +6,8 @@ one callback of ours put first. That callback timestamps every step end; right a
 runs one *floor* step (and every `naive_every` steps one *naive* step, alternating their order), so they
 are measured interleaved under the same machine load. Ours is the time from the end of the previous side
 step to the end of this step: the Lightning loop, the data loader, the logging and the callbacks are in it.
+A method with a prior loss finds its class images already in the run's (temporary) class-image cache:
+placeholders, since their content does not change a step's cost (`placeholder_class_images`).
 
 The floor has the trainable set of the stage and nothing else: fixed noised latents, timesteps, targets
 and prompt embeddings already on the device; one step is `zero_grad`, UNet forward, MSE, backward and
@@ -28,19 +30,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
 
 from benchmarks.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
+from personalize.class_images import image_path
+from personalize.config import compose
+from personalize.data import Subject, load_subject_images
+from personalize.io import atomic_save_image
+from personalize.methods.stages import parse_stages, stage_at
+from personalize.train import class_image_spec, fit, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +192,6 @@ def components(floor: FloorStep, naive: NaiveStep, clock: Clock, reps: int = 3) 
     Run right after a floor step, so the gradients are there (both paths train the same tensors): the
     stage's own optimizer step (the naive path's), the floor's, and the clipping of the method's config.
     """
-    import statistics
-
     out = {"optimizer_own_s": statistics.median(timed(naive.optimizer.step, clock, reps)),
            "optimizer_floor_s": statistics.median(timed(floor.optimizer.step, clock, reps)),
            "optimizer_own": type(naive.optimizer).__name__ + _impl(naive.optimizer),
@@ -217,8 +225,6 @@ class SyncCounter:
         self._seen = None
 
     def start(self) -> None:
-        import warnings
-
         try:
             self._catcher = warnings.catch_warnings(record=True)
             self._seen = self._catcher.__enter__()
@@ -259,8 +265,6 @@ class InterleavedTimer(L.Callback):
         self._resume = self.clock()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        from personalize.methods.stages import stage_at
-
         if self.syncs is not None and self._pending is not None:  # the rest of the previous step's cycle
             rec, counted = self._pending
             rest = self.syncs.stop()
@@ -325,27 +329,24 @@ class InterleavedTimer(L.Callback):
 
 
 # ------------------------------------------------------------------ one method, end to end
-class _PlaceholderPipeline:
-    """Stands in for the base pipeline when a bench run needs class images: random-noise pictures.
+def placeholder_class_images(cfg) -> list[Path]:
+    """Fill the run's class-image cache with random-noise pictures, where the cache would be read.
 
-    Their content does not change the speed of a training step; generating real ones is timed apart.
+    A training step costs the same whatever the class images show, and generating real ones is timed
+    apart (item 3): so `prepare_run` finds all `class_images.count` images cached and never loads the
+    pipeline that would make them. Nothing is written for a method without a prior loss.
     """
-
-    def __init__(self):
-        from diffusers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler()
-
-    def to(self, *args, **kwargs):
-        return self
-
-    def __call__(self, prompt, height=None, width=None, generator=None, **kwargs):
-        from PIL import Image
-
-        seeds = [g.initial_seed() for g in generator] if generator else range(len(prompt))
-        images = [Image.fromarray(np.random.default_rng(s).integers(0, 256, (height, width, 3), dtype=np.uint8))
-                  for s in seeds]
-        return SimpleNamespace(images=images)
+    if not any(stage.prior_loss_weight > 0 for stage in parse_stages(cfg.method.stages)):
+        return []
+    spec = class_image_spec(cfg, Subject.from_cfg(cfg.subject))
+    folder = spec.folder(Path(cfg.paths.class_image_dir))
+    size = int(cfg.model.resolution)
+    paths = []
+    for i in range(int(cfg.class_images.count)):
+        pixels = np.random.default_rng(spec.seed + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        atomic_save_image(Image.fromarray(pixels), image_path(folder, i))
+        paths.append(image_path(folder, i))
+    return paths
 
 
 def compose_method(method: str, model_dir: Path, resolution: int, hardware: str, work_dir: Path, plan: Plan,
@@ -355,10 +356,6 @@ def compose_method(method: str, model_dir: Path, resolution: int, hardware: str,
     `evaluation`: overrides of conf/eval (None: eval=none). Also returns the method's stages and class
     image count as configured, for the end-to-end figure.
     """
-    from omegaconf import OmegaConf
-
-    from personalize.config import compose
-
     eval_overrides = ["eval=none"] if evaluation is None else ["eval=default", *evaluation]
     cfg = compose("train", [
         f"method={method}", "subject=sample_dog", "model=sd21_base", f"model.name=bench-{Path(model_dir).name}",
@@ -397,8 +394,6 @@ class TailClock(L.Callback):
 def instrumented_fit(run, first: L.Callback | None = None, last: L.Callback | None = None):
     """`personalize.train.fit` as it is, with `first` before and `last` after its own callbacks, and
     without the sampling and evaluation that follow training (timed apart)."""
-    from personalize.train import fit
-
     return fit(run, callbacks_before=[first] if first else [], callbacks_after=[last] if last else [],
                sample=False, evaluate=False)
 
@@ -406,16 +401,13 @@ def instrumented_fit(run, first: L.Callback | None = None, last: L.Callback | No
 def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, plan: Plan,
                  overrides: list[str] = (), work_dir: Path | None = None) -> dict:
     """Every training figure of one method (all of its stages), measured in this process."""
-    from personalize.data import load_subject_images
-    from personalize.train import prepare_run
-
     own_dir = work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{method}-")) if own_dir else Path(work_dir)
     try:
         cfg, configured = compose_method(method, model_dir, resolution, hardware, work_dir, plan, overrides)
+        placeholder_class_images(cfg)
         start = time.perf_counter()
-        with mock.patch("personalize.train.load_pipeline", lambda *a, **k: _PlaceholderPipeline()):
-            run = prepare_run(cfg)
+        run = prepare_run(cfg)
         prepare_s = time.perf_counter() - start
         module, device = run.module, run.device
         clock = Clock(device)

@@ -1,16 +1,41 @@
-"""The benchmark's smoke mode runs end to end on the tiny model and writes every row (no timing assertions)."""
+"""The benchmark (benchmarks/, beside the package) and its seam into production code (personalize.instrument).
+
+The smoke mode runs end to end on the tiny model and writes every row (no timing assertions); the rows
+come from conf/method/; the spans time what they wrap; production code never imports mock or the harness.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from omegaconf import OmegaConf
+
+from benchmarks.catalog import method_names, method_stages, training_rows
+from benchmarks.report import row_ids
+from benchmarks.run import main
+from benchmarks.training import Plan, compose_method, placeholder_class_images
+from personalize import instrument
+from personalize.config import CONF_DIR, PROJECT_ROOT, compose
+from personalize.data import Subject
+from personalize.models import load_pipeline
+from personalize.methods.stages import parse_stages
+from personalize.tiny import TINY_RESOLUTION
+from personalize.train import prepare_class_images
+
+# The ids docs/benchmark.md cites: they must survive the move to rows built from conf/method/.
+DOCUMENTED_TRAINING_ROWS = ["textual_inversion", "two_stage.token", "two_stage.unet", "dreambooth", "lora", "finetune"]
 
 
-def test_quick_benchmark_writes_every_row(tmp_path, monkeypatch, capsys):
-    from benchmarks.report import row_ids
-    from benchmarks.run import main
-
+def test_quick_benchmark_writes_every_row(tmp_path, capsys):
     threads = torch.get_num_threads()
     result = main(["--quick", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads, "the benchmark must give the test session its threads back"
@@ -27,3 +52,208 @@ def test_quick_benchmark_writes_every_row(tmp_path, monkeypatch, capsys):
     assert data["e2e"]["ratio"] > 0 and data["meta"]["shape"] == "tiny"
     table = capsys.readouterr().out
     assert "step ÷ floor: dreambooth" in table and str(written[0]) in table
+
+    # The evaluation's parts came through the spans: one pair (one checkpoint x `simple`, one batch of
+    # eval.batch_size images), one pipeline load, and hooks on the published pipeline saw every UNet call.
+    ev = data["generation"]["evaluation"]
+    calls = ev["parts"][0]["span_calls"]
+    assert calls["eval.pair"] == 1 and calls["eval.generate"] == 1 and calls["load_pipeline"] == 1
+    assert calls["metrics.update"] == 1 and calls["metrics.compute"] == 1 and calls["eval.encoders"] >= 1
+    assert ev["ours"]["calls_measured"] == ev["raw"]["calls_measured"] and ev["ours"]["calls_measured"][0] > 0
+    part = ev["parts"][0]
+    assert part["pair_metrics"] == pytest.approx(part["metrics.update"] + part["metrics.compute"] + part["metrics.reset"])
+    assert 0 < part["eval.generate"] < part["eval.pair"] < part["evaluate_run"]
+
+
+# ------------------------------------------------------------------ rows from conf/method/
+def _stages_from_files(conf_dir: Path) -> dict[str, list[str]]:
+    """Each method file's stage names, read from the YAML itself (not through Hydra)."""
+    return {p.stem: list(OmegaConf.load(p).stages) for p in sorted((conf_dir / "method").glob("*.yaml"))
+            if not p.stem.startswith("_")}
+
+
+def test_training_rows_are_every_stage_of_every_method_file():
+    expected = []
+    for method, stages in _stages_from_files(CONF_DIR).items():
+        expected += [(method if len(stages) == 1 else f"{method}.{stage}", method, stage) for stage in stages]
+    assert [(r.name, r.method, r.stage) for r in training_rows()] == expected
+    assert set(DOCUMENTED_TRAINING_ROWS) <= {r.name for r in training_rows()}
+    assert method_stages("two_stage")["unet"]["steps"] == OmegaConf.load(CONF_DIR / "method/two_stage.yaml").stages.unet.steps
+
+
+def test_a_new_method_file_gets_rows_without_a_benchmark_edit(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR / "method", conf / "method")
+    (conf / "method" / "token_then_lora.yaml").write_text(
+        "defaults: [_common, _self_]\nname: token_then_lora\nidentifier: '<t>'\nnew_token: {initializer: rare}\n"
+        "stages:\n  token: {train: [token], steps: 30, lr: 5.0e-4}\n  lora: {train: [lora], steps: 60, lr: 1.0e-4}\n")
+    (conf / "method" / "_shared_part.yaml").write_text("batch_size: 4\n")  # a shared part, not a method
+
+    assert "token_then_lora" in method_names(conf) and "_shared_part" not in method_names(conf)
+    assert list(method_stages("token_then_lora", conf)) == ["token", "lora"]
+    assert method_stages("token_then_lora", conf)["lora"]["steps"] == 60
+    ids = row_ids(conf)
+    for id_ in ("step_vs_floor/token_then_lora.token", "step_vs_floor/token_then_lora.lora",
+                "naive_vs_ours/token_then_lora.lora", "peak_memory/token_then_lora"):
+        assert id_ in ids
+    assert set(row_ids()) < set(ids)  # the others stay as they were
+
+
+def test_unknown_method_is_one_error_line_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--methods", "dreambooth,dreamboth"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --methods has 'dreamboth'" in err and "dreambooth" in err
+
+
+# ------------------------------------------------------------------ personalize.instrument
+class StepClock:
+    """A clock that advances by 1.0 each time it is read: span lengths are exact reads-between counts."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_spans_report_their_time_with_the_listeners_clock_and_nest():
+    got = []
+    clock = StepClock()
+    with instrument.listen(lambda name, s: got.append((name, s)), clock=clock):
+        with instrument.span("outer"):  # enter reads 1
+            with instrument.span("inner"):  # reads 2
+                pass  # inner exit reads 3: 1 s
+            clock()  # 4
+        # outer exit reads 5: 4 s
+    assert got == [("inner", 1.0), ("outer", 4.0)]
+
+
+def test_timed_reports_each_call_also_when_it_raises_and_returns_what_the_function_returns():
+    @instrument.timed("work")
+    def work(x, fail=False):
+        if fail:
+            raise ValueError("boom")
+        return x * 2
+
+    assert work.__name__ == "work"
+    got = []
+    with instrument.listen(lambda name, s: got.append((name, s)), clock=StepClock()):
+        assert work(21) == 42
+        with pytest.raises(ValueError, match="boom"):
+            work(1, fail=True)
+    assert got == [("work", 1.0), ("work", 1.0)]
+    assert work(2) == 4 and len(got) == 2  # the listener is gone: nothing more reported
+
+
+def test_nobody_listening_costs_no_clock_read_and_listeners_leave_on_errors():
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return 0.0
+
+    assert instrument.span("a") is instrument.span("b")  # one shared no-op while nobody listens
+    with pytest.raises(RuntimeError):
+        with instrument.listen(lambda *a: None, clock=clock):
+            raise RuntimeError("a failing benchmark")
+    with instrument.span("after"):
+        pass
+    instrument.timed("after")(lambda: None)()
+    assert reads == []  # the failed listener was removed: nothing read its clock after it left
+
+
+def test_listeners_stack_and_only_object_listeners_get_published_objects():
+    outer, inner, objects = [], [], []
+    with instrument.listen(lambda n, s: outer.append(n)):
+        with instrument.listen(lambda n, s: inner.append(n), on_object=lambda n, o: objects.append((n, o))):
+            with instrument.span("both"):
+                pass
+            instrument.publish("thing", 7)
+        with instrument.span("outer only"):
+            pass
+    assert outer == ["both", "outer only"] and inner == ["both"] and objects == [("thing", 7)]
+
+
+def test_a_real_pipeline_load_is_timed_by_its_span(tiny_model_dir):
+    """load_pipeline is a span of production code: one real load, reported once, within its wall time."""
+    model_cfg = compose("train", ["model=tiny"], output_dir="/unused").model
+    got = []
+    with instrument.listen(lambda name, s: got.append((name, s))):
+        start = time.perf_counter()
+        pipe = load_pipeline(model_cfg)
+        total = time.perf_counter() - start
+    assert pipe.unet is not None
+    assert [name for name, _ in got] == ["load_pipeline"] and 0 < got[0][1] <= total
+
+
+# ------------------------------------------------------------------ class images without patching
+def test_placeholder_class_images_are_what_the_run_reads_and_no_pipeline_loads(tmp_path, tiny_model_dir):
+    plan = Plan(warmup=0, steps=1, class_images=3)
+    cfg, configured = compose_method("dreambooth", tiny_model_dir, TINY_RESOLUTION, "cpu", tmp_path, plan)
+    assert configured["class_images"] == 200 and int(cfg.class_images.count) == 3
+    paths = placeholder_class_images(cfg)
+    assert len(paths) == 3 and all(p.parent.parent == tmp_path / "class_images" for p in paths)
+
+    loads = []
+    with instrument.listen(lambda name, s: loads.append(name) if name == "load_pipeline" else None):
+        images = prepare_class_images(cfg, Subject.from_cfg(cfg.subject), parse_stages(cfg.method.stages),
+                                      "cpu", torch.float32)
+    assert loads == [], "a pre-filled cache must not load the class-image pipeline"
+    seed = int(cfg.class_images.seed)
+    for i in range(3):  # the placeholders' own pixels, in the VAE's [-1, 1] range
+        pixels = np.random.default_rng(seed + i).integers(0, 256, (TINY_RESOLUTION, TINY_RESOLUTION, 3), dtype=np.uint8)
+        expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+        assert torch.equal(images[i], expected)
+
+    textual_inversion, _ = compose_method("textual_inversion", tiny_model_dir, TINY_RESOLUTION, "cpu",
+                                          tmp_path / "ti", plan)
+    assert placeholder_class_images(textual_inversion) == []  # no prior loss: nothing written
+    assert not (tmp_path / "ti" / "class_images").exists()
+
+
+# ------------------------------------------------------------------ production code stays production code
+FORBIDDEN_MODULES = ("unittest.mock", "mock", "benchmarks")
+
+
+def forbidden_imports(source: str) -> list[str]:
+    """Imports of unittest.mock (in any spelling), the `mock` package or the benchmark harness."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [name for name in names
+                  if any(name == m or name.startswith(m + ".") for m in FORBIDDEN_MODULES)]
+    return found
+
+
+def test_the_import_checker_catches_every_spelling():
+    for source in ("from unittest import mock", "import unittest.mock as m", "from unittest.mock import patch",
+                   "import mock", "from benchmarks.report import row_ids", "import benchmarks.run",
+                   "def f():\n    from unittest import mock\n"):
+        assert forbidden_imports(source), source
+    assert forbidden_imports("import unittest\nfrom personalize import instrument\nimport benchmarking") == []
+
+
+def test_production_code_imports_no_mock_and_nothing_from_the_benchmarks():
+    files = sorted((PROJECT_ROOT / "personalize").rglob("*.py"))
+    assert len(files) > 20
+    offenders = {str(f.relative_to(PROJECT_ROOT)): found for f in files if (found := forbidden_imports(f.read_text()))}
+    assert offenders == {}
+    assert not (PROJECT_ROOT / "personalize" / "bench").exists(), "the harness lives in benchmarks/, beside the package"
+
+
+def test_the_harness_is_found_from_the_repo_root_and_is_not_installed(tmp_path):
+    """`python -m benchmarks` works from the root (as the Makefile and docs run it); elsewhere the package
+    is not importable: it is beside `personalize`, not part of what pip installs."""
+    probe = ["-c", "import importlib.util; s = importlib.util.find_spec('benchmarks'); print(s and s.origin)"]
+    at_root = subprocess.run([sys.executable, *probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    elsewhere = subprocess.run([sys.executable, *probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert at_root.stdout.strip() == str(PROJECT_ROOT / "benchmarks" / "__init__.py"), at_root.stderr
+    assert elsewhere.stdout.strip() == "None", elsewhere.stderr
