@@ -128,6 +128,7 @@ def deferred() -> Iterator[None]:
         if outermost:
             for s, handler in _state.previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            _state.received.clear()  # handled (an Interrupted carries them); none must stop later work
 
 
 def active() -> bool:

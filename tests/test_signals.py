@@ -47,12 +47,17 @@ if _spec:
     _at, _marker = int(_at), Path(_marker)
 
     def _pause():
-        """Once (a resumed or requeued process runs through): write our pid, wait for a recorded signal."""
-        if _marker.exists():
+        """Once, in one process (a resumed or requeued process, another DDP rank run through): publish our
+        pid (written whole, then renamed: the test must never read half a pid), wait for a recorded signal."""
+        try:
+            os.close(os.open(_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
             return
         from personalize import signals
 
-        _marker.write_text(str(os.getpid()))
+        tmp = _marker.with_name(_marker.name + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, _marker.with_name(_marker.name + ".pid"))
         deadline = time.monotonic() + 300
         while not signals.pending() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -121,13 +126,14 @@ def output(proc: subprocess.Popen) -> str:
 
 
 def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
-    """The pid written by the pause hook once the process is at its point."""
+    """The pid the pause hook publishes once a process is at its point."""
+    pid_file = marker.with_name(marker.name + ".pid")
     deadline = time.monotonic() + timeout
-    while not marker.exists() or not marker.read_text():
+    while not pid_file.exists():
         assert proc.poll() is None, f"exited with {proc.returncode} before the pause point:\n{output(proc)[-3000:]}"
         assert time.monotonic() < deadline, f"never reached the pause point:\n{output(proc)[-3000:]}"
         time.sleep(0.05)
-    return int(marker.read_text())
+    return int(pid_file.read_text())
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -147,7 +153,10 @@ def interrupt_at(pause: str, sig: int, command: list[str], tmp_path: Path) -> tu
     """Run `command`, send `sig` once it is at `pause`, return its exit code and output."""
     marker = tmp_path / f"at-{pause.replace(':', '-')}"
     proc = start(command, tmp_path, f"{pause}:{marker}")
-    os.kill(wait_for(marker, proc), sig)
+    pid = wait_for(marker, proc)
+    # only ever a process of this test: it carries our marker in its environment
+    assert str(marker).encode() in Path(f"/proc/{pid}/environ").read_bytes(), pid
+    os.kill(pid, sig)
     return finish(proc)
 
 
@@ -272,6 +281,7 @@ def test_a_sweep_signalled_in_a_job_stops_there_marks_it_interrupted_and_resume_
 
 
 # ---------------------------------------------------------------- SLURM's code path: submitit, requeue
+@pytest.mark.slow  # three processes per attempt, two attempts (about 80 s of CPU)
 def test_submitit_job_signalled_usr2_is_requeued_and_resumes_by_itself(tmp_path, make_cfg):
     """SIGUSR2 is what submitit's SLURM jobs get before their time limit (and on preemption, after
     SIGTERM); the local executor runs the same job code and requeues the same way (exit 144, restart)."""
@@ -314,6 +324,7 @@ def test_handlers_record_signals_and_are_restored_and_a_second_ctrl_c_stops_at_o
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.5)
         assert signal.getsignal(signal.SIGUSR2) is earlier and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        assert signals.pending() == [] and signals.raise_if_interrupted("evaluation") is None  # nothing stale
         signals.pass_on([signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
         assert heard == [signal.SIGUSR2]  # only a handler someone installed; SIG_DFL and Python's SIGINT are not called
     finally:
@@ -329,3 +340,33 @@ def test_interrupted_note_is_written_atomically_and_cleared_only_by_the_work_it_
     assert (marked["signal"], marked["signals"], marked["step"], marked["exit_code"]) == ("SIGUSR1", ["SIGUSR1", "SIGTERM"], 794, 138)
     assert not signals.clear_interrupted(tmp_path, phases=("evaluation",))  # an evaluation does not finish training
     assert signals.clear_interrupted(tmp_path) and not (tmp_path / signals.INTERRUPTED_FILE).exists()
+
+
+# ---------------------------------------------------------------- several processes
+@pytest.mark.slow  # two DDP runs of two processes each, and a reference run (about 70 s of CPU)
+def test_ddp_ranks_agree_to_stop_at_the_step_one_of_them_was_signalled(tmp_path, make_cfg):
+    """Two CPU processes (gloo): only one gets SIGTERM (whichever paused first), both stop after the same
+    step (1, not a checkpoint step), one resume state is written, nobody hangs in a collective; resuming
+    finishes the run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_ddp import RUN
+
+    args = [*RUN, "hardware=ddp_cpu", "method.batch_size=1", "logger=none", f"paths.log_dir={tmp_path / 'out'}"]
+    code, log = interrupt_at("step:1", signal.SIGTERM, cli(*args), tmp_path)
+    assert code == 143, log[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # really two processes
+    assert log.count("interrupted: interrupted by SIGTERM during training at step 1") == 2, log[-4000:]  # each rank
+    [run_dir] = run_dirs(tmp_path / "out")
+    assert [s.name for s in list_resume_states(run_dir)] == ["step-000001"] and note(run_dir)["step"] == 1
+    assert not (run_dir / "checkpoints").exists()
+
+    code, log = finish(start(cli(*args, "resume=true"), tmp_path))
+    assert code == 0, log[-4000:]
+    assert f"resuming {run_dir} from step-000001" in log and not (run_dir / signals.INTERRUPTED_FILE).exists()
+    single = fit(prepare_run(make_cfg(*RUN, "method.batch_size=2", name="single")))
+    for file in ("learned_embeds.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        ddp, one = (load_file(d / "checkpoints" / "step-000004" / file) for d in (run_dir, single.run_dir))
+        # the tolerance of tests/test_ddp.py: two processes equal one with the same global batch to float reordering
+        assert all(torch.allclose(ddp[k], one[k], rtol=0, atol=2e-4) for k in one), file
