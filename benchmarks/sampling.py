@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.measure import Clock, ratios, summary
 from personalize import instrument
-from personalize.checkpoints import apply_checkpoint
+from personalize.artifacts import apply_checkpoint
 from personalize.class_images import ensure_class_images
 from personalize.data import Subject
 from personalize.eval.evaluate import EvalSettings, evaluate_run

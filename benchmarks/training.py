@@ -50,12 +50,12 @@ from personalize.config import compose
 from personalize.data import Subject, load_subject_images
 from personalize.io import atomic_save_image
 from personalize.methods.stages import parse_stages, stage_at
+from personalize.methods.trainables import encodes_prompt
 from personalize.train import class_image_spec, fit, prepare_run
 
 log = logging.getLogger(__name__)
 
 # What trains in a stage; the text side trains when the token or the text encoder does.
-TEXT_TRAINABLES = {"token", "text_encoder"}
 
 
 @dataclass
@@ -80,7 +80,7 @@ class _Path:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.context = trainer.precision_plugin.forward_context
         self.scaler = torch.amp.GradScaler("cuda") if str(trainer.precision) in ("16-mixed", "16") else None
-        self.text_trains = bool(TEXT_TRAINABLES & set(stage.train))
+        self.text_trains = encodes_prompt(stage.train)  # the prompt is encoded with gradients
         self.prior = stage.prior_loss_weight > 0
         self.batch = module.batch_size
 

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from personalize.checkpoints import CONFIG_FILE, load_run_config
 from personalize.errors import PersonalizeError
+from personalize.methods.trainables import structure as trainable_structure
 from personalize.io import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _structure(config: dict) -> dict:
     stages = list((method.get("stages") or {}).items())
     return {
         "method": method.get("name"), "identifier": method.get("identifier"), "new_token": method.get("new_token"),
-        "lora": method.get("lora") if any("lora" in s.get("train", []) for _, s in stages) else None,
+        **trainable_structure(method),  # e.g. the LoRA rank and targets, where a stage trains LoRA
         "stages": [(name, list(s.get("train", []))) for name, s in stages],
         # every stage but the last must keep its length (the last may be extended)
         "stage_steps": [s.get("steps") for _, s in stages[:-1]],

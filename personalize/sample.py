@@ -51,7 +51,8 @@ def sample_checkpoint(ckpt_dir: Path, prompt_templates: list[str], out_dir: Path
                       seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpm_multistep",
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write `out_dir/pNN_iNN.png` for each prompt × image and a prompts.txt; return the image paths."""
-    from personalize.checkpoints import load_checkpoint_pipeline, read_info
+    from personalize.artifacts import load_checkpoint_pipeline
+    from personalize.checkpoints import read_info
     from personalize.io import atomic_write_text
     from personalize.models import make_sampler
 

@@ -414,9 +414,9 @@ def _samplers() -> list[str]:
 
 
 def _trainables() -> tuple[str, ...]:
-    from personalize.methods.stages import TRAINABLES
+    from personalize.methods.trainables import TRAINABLES  # imports torch: only when a stage is checked
 
-    return TRAINABLES
+    return tuple(TRAINABLES)
 
 
 def _precisions() -> list[str]:

@@ -6,17 +6,20 @@ from pathlib import Path
 
 import torch
 
+from personalize.methods.trainables import TRAINABLES
+
 
 def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of every weight of a Personalizer, by component (the new token's row kept apart)."""
-    parts = {
-        "vae": module.vae.named_parameters(),
-        "text_encoder": ((n, p) for n, p in module.text_encoder.named_parameters() if not n.endswith("new_rows")),
-        "unet": ((n, p) for n, p in module.unet.named_parameters() if "lora_" not in n),
-        "lora": ((n, p) for n, p in module.unet.named_parameters() if "lora_" in n),
-        "token": ([("new_rows", module.token_embedding.new_rows)] if module.token_embedding is not None else []),
-    }
-    return {part: {n: p.detach().clone() for n, p in params} for part, params in parts.items()}
+    """Copies of every weight of a Personalizer: one part per component (vae, text_encoder, unet) for its
+    own weights, and one per kind of trainable with parameters of its own (token, lora, custom_diffusion)."""
+    components = {"vae": module.vae, "text_encoder": module.text_encoder, "unet": module.unet}
+    own = [cls for cls in TRAINABLES.values() if not cls.trains_in_place]
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in components} | {cls.name: {} for cls in own}
+    for component, model in components.items():
+        for name, param in model.named_parameters():
+            owner = next((cls.name for cls in own if cls.owns(name)), component)
+            parts[owner][f"{component}.{name}"] = param.detach().clone()
+    return parts
 
 
 def changed_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -40,5 +43,19 @@ def stock_pipeline(base_dir: Path, ckpt: Path):
         pipe.unet = UNet2DConditionModel.from_pretrained(ckpt / "unet")
     if (ckpt / "pytorch_lora_weights.safetensors").exists():
         pipe.load_lora_weights(ckpt)
+    if (ckpt / "pytorch_custom_diffusion_weights.safetensors").exists():
+        # what a user writes with diffusers' public classes (stock load_attn_procs of diffusers 0.42 leaves the
+        # UNet unchanged: personalize.methods.trainables.CustomDiffusion says why)
+        from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+        from safetensors.torch import load_file
+
+        processors = dict(pipe.unet.attn_processors)
+        for key, value in load_file(ckpt / "pytorch_custom_diffusion_weights.safetensors").items():
+            name = key.rsplit(".", 2)[0]  # <layer>.processor
+            if not isinstance(processors[name], CustomDiffusionAttnProcessor):
+                processors[name] = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False,
+                                                                hidden_size=value.shape[0], cross_attention_dim=value.shape[1])
+            getattr(processors[name], key.rsplit(".", 2)[1]).weight.data = value
+        pipe.unet.set_attn_processor(processors)
     pipe.set_progress_bar_config(disable=True)
     return pipe

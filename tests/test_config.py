@@ -18,8 +18,8 @@ DREAMBOOTH_SUBJECTS = sorted(p.stem for p in (CONF_DIR / "subject").glob("*.yaml
 SAMPLE_SUBJECTS = ["sample_dog", "sample_dog2", "sample_backpack"]
 
 
-def test_the_five_methods_and_thirty_subjects_exist():
-    assert METHODS == ["dreambooth", "finetune", "lora", "textual_inversion", "two_stage"]
+def test_the_six_methods_and_thirty_subjects_exist():
+    assert METHODS == ["custom_diffusion", "dreambooth", "finetune", "lora", "textual_inversion", "two_stage"]
     assert len(DREAMBOOTH_SUBJECTS) == 30
 
 

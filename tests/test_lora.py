@@ -7,7 +7,7 @@ than it trained. Each case trains the tiny model a few steps, then compares on f
   computed here with plain tensor arithmetic, no PEFT);
 - the trained module's UNet;
 - the checkpoint loaded by stock diffusers only (tests/helpers.stock_pipeline);
-- the checkpoint loaded by our evaluation loader (checkpoints.load_checkpoint_pipeline).
+- the checkpoint loaded by our evaluation loader (artifacts.load_checkpoint_pipeline).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from personalize.checkpoints import CONFIG_FILE, LORA_FILE, load_checkpoint_pipeline, load_run_config
+from personalize.artifacts import load_checkpoint_pipeline
+from personalize.checkpoints import CONFIG_FILE, LORA_FILE, load_run_config
 from personalize.train import fit, prepare_run
 from tests.helpers import stock_pipeline
 
@@ -144,11 +145,11 @@ def test_lora_checkpoint_without_metadata_still_loads_with_alpha_equal_to_rank(m
     reference = unet_output(reference_unet)
     for folder, says in [(ckpt, "method.lora.alpha=8 with rank=4"), (copied, "config.yaml")]:
         caplog.clear()
-        with caplog.at_level("WARNING", logger="personalize.checkpoints"):
+        with caplog.at_level("WARNING", logger="personalize.methods.trainables"):
             ours = load_checkpoint_pipeline(folder).unet
         assert_adapter(ours, targets, rank=4, alpha=4, where=f"old checkpoint {folder}")
         assert torch.allclose(unet_output(ours), reference, atol=ATOL)
-        warnings = [r.getMessage() for r in caplog.records if r.name == "personalize.checkpoints"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "personalize.methods.trainables"]
         assert len(warnings) == 1 and str(folder / LORA_FILE) in warnings[0] and says in warnings[0], warnings
 
     # the same file from a run that trained alpha = rank is exactly what trained: nothing to warn about
@@ -156,6 +157,6 @@ def test_lora_checkpoint_without_metadata_still_loads_with_alpha_equal_to_rank(m
     config.method.lora.alpha = config.method.lora.rank
     (run.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(config))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="personalize.checkpoints"):
+    with caplog.at_level("WARNING", logger="personalize.methods.trainables"):
         load_checkpoint_pipeline(ckpt)
-    assert not [r for r in caplog.records if r.name == "personalize.checkpoints"], caplog.text
+    assert not [r for r in caplog.records if r.name == "personalize.methods.trainables"], caplog.text

@@ -22,6 +22,8 @@ SHORT_RUNS = {
     "dreambooth": ["method.stages.unet.steps=6", "method.stages.unet.checkpoint_every=3", "method.stages.unet.lr=1e-3"],
     "lora": ["method.stages.lora.steps=6", "method.stages.lora.checkpoint_every=3", "method.stages.lora.lr=2e-2"],
     "finetune": ["method.stages.unet.steps=6", "method.stages.unet.checkpoint_every=3", "method.stages.unet.lr=1e-3"],
+    "custom_diffusion": ["method.stages.cd.steps=6", "method.stages.cd.checkpoint_every=3", "method.stages.cd.lr=2e-2",
+                         "class_images.count=2"],
 }
 # What each method must change; every other part must stay bit-identical.
 TRAINS = {
@@ -30,14 +32,17 @@ TRAINS = {
     "dreambooth": {"unet"},
     "lora": {"lora"},
     "finetune": {"unet"},
+    "custom_diffusion": {"token", "custom_diffusion"},
 }
-CHECKPOINT_STEPS = {"textual_inversion": [3, 6], "two_stage": [6, 9], "dreambooth": [3, 6], "lora": [3, 6], "finetune": [3, 6]}
+CHECKPOINT_STEPS = {"textual_inversion": [3, 6], "two_stage": [6, 9], "dreambooth": [3, 6], "lora": [3, 6], "finetune": [3, 6],
+                    "custom_diffusion": [3, 6]}
 ARTIFACTS = {
     "textual_inversion": {"learned_embeds.safetensors"},
     "two_stage": {"learned_embeds.safetensors", "unet"},
     "dreambooth": {"unet"},
     "lora": {"pytorch_lora_weights.safetensors"},
     "finetune": {"unet"},
+    "custom_diffusion": {"learned_embeds.safetensors", "pytorch_custom_diffusion_weights.safetensors"},
 }
 
 
@@ -113,7 +118,7 @@ def test_textual_inversion_only_adds_one_row(make_cfg, tiny_model_dir):
     assert not torch.equal(run.module.token_embedding.new_rows[0].detach(), dog)
 
 
-@pytest.mark.parametrize("method", ["two_stage", "lora"])
+@pytest.mark.parametrize("method", ["two_stage", "lora", "custom_diffusion"])
 def test_bf16_autocast_keeps_trained_weights_fp32_and_frozen_parts_bf16(method, make_cfg, tiny_model_dir):
     # CPU bf16 autocast runs the same mixed-precision path as hardware=gpu_bf16 (frozen parts in bf16,
     # what trains in fp32 master weights, gradient clipping through Lightning's precision plugin)
@@ -122,9 +127,10 @@ def test_bf16_autocast_keeps_trained_weights_fp32_and_frozen_parts_bf16(method, 
     module = run.module
     assert module.vae.dtype == torch.bfloat16
     fit(run)
-    trained = [module.token_embedding.new_rows] if module.token_embedding is not None else []
-    trained += [p for n, p in module.unet.named_parameters() if method == "two_stage" or "lora_" in n]
-    assert all(p.dtype == torch.float32 for p in trained)
+    trained = [p for name in module.trains for p in module.trainables[name].parameters()]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    if method == "custom_diffusion":  # its processors train in fp32 on a UNet frozen in bf16
+        assert module.unet.conv_in.weight.dtype == torch.bfloat16
     if method == "lora":
         assert module.text_encoder.dtype == torch.bfloat16
     ckpt = run.checkpoints()[-1]

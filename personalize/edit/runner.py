@@ -201,7 +201,8 @@ def _log_to_wandb(cfg: DictConfig, info: dict, out_dir: Path, record: dict) -> N
 
 def run_edit(cfg: DictConfig) -> Path:
     """The whole `personalize-edit` job; returns the folder the results went to."""
-    from personalize.checkpoints import load_checkpoint_pipeline, read_info, resolve_checkpoint
+    from personalize.artifacts import load_checkpoint_pipeline
+    from personalize.checkpoints import read_info, resolve_checkpoint
     from personalize.edit.editor import build_controller, edit_image, save_attention_maps, save_side_by_side
     from personalize.edit.inversion import convert_prompt
     from personalize.io import atomic_save_image, atomic_write_json

@@ -358,7 +358,7 @@ class Evaluator:
         return self.pipe
 
     def use_checkpoint(self, checkpoint: Path) -> None:
-        from personalize.checkpoints import apply_checkpoint
+        from personalize.artifacts import apply_checkpoint
 
         if self.applied != checkpoint:
             apply_checkpoint(self.pipeline(), checkpoint)

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from personalize.checkpoints import EMBEDS_FILE, INFO_FILE
+from personalize.checkpoints import INFO_FILE
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir, atomic_write_json
 from personalize.methods.stages import Stage, parse_stages, stage_at
-from personalize.methods.token import NewTokenEmbedding, add_placeholder_token
+from personalize.methods.token import NewTokenEmbedding
+from personalize.methods.trainables import Trainable, attach, encodes_prompt
 from personalize.models import SDComponents
 from personalize.resume import rng_state, set_rng_state
 
@@ -133,40 +134,23 @@ class Personalizer(L.LightningModule):
 
         for module in (self.text_encoder, self.vae, self.unet):
             module.requires_grad_(False)
-        self.token_embedding: NewTokenEmbedding | None = None
-        if method_cfg.get("new_token"):
-            self.token_embedding = add_placeholder_token(
-                self.tokenizer, self.text_encoder, self.identifier, str(method_cfg.new_token.initializer)
-            )
-            self.token_embedding.base.requires_grad_(False)
-        elif "token" in self.trains:
-            raise PersonalizeError("a stage trains 'token' but method.new_token is not set: give the placeholder's initializer")
-        if "lora" in self.trains:
-            self._add_lora(method_cfg.lora)
+        # what the stages train (and a new token even where no stage trains it any more), created on the components
+        self.trainables: dict[str, Trainable] = attach(components, method_cfg, self.identifier, self.trains)
         if self.hardware_cfg.get("channels_last"):
             self.unet.to(memory_format=torch.channels_last)
         if self.hardware_cfg.get("compile_unet"):
             # in place (nn.Module.compile): the UNet keeps its class, so save_pretrained still works
             self.unet.compile()
         if self.hardware_cfg.get("gradient_checkpointing"):
-            if self.trains & {"unet", "lora"}:
-                self.unet.enable_gradient_checkpointing()
-            if self.trains & {"text_encoder", "token"}:
-                self.text_encoder.gradient_checkpointing_enable()
+            for name in self.trains:
+                self.trainables[name].enable_gradient_checkpointing()
 
     # ---------------------------------------------------------------- setup
-    LORA_ADAPTER = "default"  # the one PEFT adapter on the UNet; its config is saved with the weights
-
-    def _add_lora(self, lora_cfg) -> None:
-        from peft import LoraConfig
-
-        self.unet.add_adapter(LoraConfig(
-            r=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha), lora_dropout=float(lora_cfg.get("dropout", 0.0)),
-            init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules),
-        ), adapter_name=self.LORA_ADAPTER)
-        for name, param in self.unet.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
+    @property
+    def token_embedding(self) -> NewTokenEmbedding | None:
+        """The new token's embedding (its own fp32 row), where the method adds one."""
+        token = self.trainables.get("token")
+        return token.embedding if token is not None else None
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
@@ -240,15 +224,9 @@ class Personalizer(L.LightningModule):
         return [self._make_optimizer(stage) for stage in self.stages]
 
     def _trainable_params(self, stage: Stage) -> list[torch.nn.Parameter]:
-        params: dict[int, torch.nn.Parameter] = {}
-        if "token" in stage.train:
-            params[id(self.token_embedding.new_rows)] = self.token_embedding.new_rows
-        if "unet" in stage.train:
-            params.update((id(p), p) for n, p in self.unet.named_parameters() if "lora_" not in n)
-        if "lora" in stage.train:
-            params.update((id(p), p) for n, p in self.unet.named_parameters() if "lora_" in n)
-        if "text_encoder" in stage.train:
-            params.update((id(p), p) for p in self.text_encoder.parameters())
+        params: dict[int, torch.nn.Parameter] = {}  # by id: the text encoder's parameters include a new token's row
+        for name in stage.train:
+            params.update((id(p), p) for p in self.trainables[name].parameters())
         return list(params.values())
 
     def _make_optimizer(self, stage: Stage):
@@ -282,15 +260,11 @@ class Personalizer(L.LightningModule):
             param.requires_grad_(True)
         self._current_stage = stage
         self._prompt_embeds.clear()
-        if not self._text_trains(stage):
+        if not encodes_prompt(stage.train):
             with torch.no_grad():
                 self._prompt_embeds["instance"] = self._encode_prompt(self.instance_prompt)
                 if self.class_prompt is not None and stage.prior_loss_weight > 0:
                     self._prompt_embeds["class"] = self._encode_prompt(self.class_prompt)
-
-    @staticmethod
-    def _text_trains(stage: Stage) -> bool:
-        return bool({"token", "text_encoder"} & set(stage.train))
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(
@@ -433,53 +407,14 @@ class Personalizer(L.LightningModule):
     @torch.no_grad()
     def save_artifacts(self, ckpt_dir: Path, step: int) -> Path:
         """Write what trained up to `step` in stock diffusers formats, atomically."""
-        from safetensors.torch import save_file
-
         trained = self.trained_until(step)
         stage = stage_at(self.stages, step - 1)
-        contents = []
         with atomic_dir(ckpt_dir) as tmp:
-            if self.token_embedding is not None:
-                vector = self.token_embedding.new_rows[0].detach().float().cpu().contiguous()
-                save_file({self.identifier: vector}, tmp / EMBEDS_FILE)
-                contents.append(EMBEDS_FILE)
-            if "unet" in trained:
-                self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-                contents.append("unet")
-            if "lora" in trained:
-                self._save_lora(tmp)
-                contents.append("pytorch_lora_weights.safetensors")
-            if "text_encoder" in trained:
-                self._save_text_encoder(tmp / "text_encoder")
-                contents.append("text_encoder")
+            contents = [t.save(tmp) for name, t in self.trainables.items() if name in trained or t.saved_untrained]
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
             atomic_write_json(tmp / INFO_FILE, info)
         return ckpt_dir
-
-    def _save_lora(self, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.LORA_ADAPTER))
-        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-        # The tensors alone do not say alpha: without the adapter's LoraConfig, load_lora_weights rebuilds it
-        # with alpha = rank (scale 1), another model whenever method.lora.alpha != rank. diffusers' own
-        # training scripts save the whole config the same way; it lands in the safetensors header under
-        # `lora_adapter_metadata` and load_lora_weights builds the adapter from it (rank, alpha, targets).
-        metadata = self.unet.peft_config[self.LORA_ADAPTER].to_dict()
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=metadata)
-
-    def _save_text_encoder(self, folder: Path) -> None:
-        wrapped = self.text_encoder.get_input_embeddings()
-        if isinstance(wrapped, NewTokenEmbedding):
-            self.text_encoder.set_input_embeddings(wrapped.merged())
-        try:
-            self.text_encoder.save_pretrained(folder, safe_serialization=True)
-        finally:
-            self.text_encoder.set_input_embeddings(wrapped)
 
     def total_steps(self) -> int:
         return self.stages[-1].end

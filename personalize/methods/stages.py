@@ -1,8 +1,8 @@
 """A method is a sequence of stages; a stage says what trains, for how long, how fast, with which loss.
 
 textual_inversion = [token]; two_stage = [token, unet] (no prior); dreambooth = [unet + prior];
-lora = [lora]; finetune = [unet]. A two-stage method whose second stage is LoRA is just
-`method.stages.unet.train=[lora]`: no new code.
+lora = [lora]; finetune = [unet]; custom_diffusion = [token + custom_diffusion]. A two-stage method
+whose second stage is LoRA is just `method.stages.unet.train=[lora]`: no new code.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 from personalize.errors import PersonalizeError
+from personalize.methods.trainables import TRAINABLES  # what a stage can train, by name
 from personalize.schema import check_value
-
-# What a stage can train: the new token's embedding row, the whole UNet, LoRA adapters on the
-# UNet's attention projections, the whole text encoder.
-TRAINABLES = ("token", "unet", "lora", "text_encoder")
 
 
 @dataclass(frozen=True)
