@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_images, open_rgb, to_tensor
@@ -23,6 +24,7 @@ from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
+from personalize.methods.trainables import component_dtypes
 from personalize.models import load_components, load_pipeline, resolve_pretrained
 from personalize.resume import SafetensorsCheckpointIO
 from personalize.tracking import build_logger, finishing_wandb, resolved_config
@@ -69,19 +71,6 @@ def prompts_for(method_cfg: DictConfig, subject: Subject) -> dict:
         "phrase": phrase,
         "instance": str(method_cfg.instance_prompt).format(**fill),
         "class": str(method_cfg.class_prompt).format(**fill) if method_cfg.get("class_prompt") else None,
-    }
-
-
-def component_dtypes(stages, frozen: torch.dtype) -> dict[str, torch.dtype]:
-    """What never trains is stored in the compute dtype: half the memory, and no casts inside the step.
-
-    What trains stays fp32 (master weights); autocast runs its math in bf16/fp16.
-    """
-    trains = {t for stage in stages for t in stage.train}
-    return {
-        "vae": frozen,
-        "text_encoder": torch.float32 if "text_encoder" in trains else frozen,  # the new token row is its own fp32 param
-        "unet": torch.float32 if "unet" in trains else frozen,
     }
 
 
@@ -174,10 +163,14 @@ def prepare_run(cfg: DictConfig) -> Run:
     if rank_zero and not (run_dir / CONFIG_FILE).exists():  # a resumed run keeps the config it began with
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    log.info("%s on %s (%d photos): '%s'", cfg.method.name, subject.name, len(images), prompts["instance"])
+    hardware = hardware_choice(cfg.hardware, accelerator, precision, frozen_dtype)
+    for line in start_lines(cfg, subject, stages, len(images), hardware, run_dir,
+                            resume_from.name if resume_from else None) if rank_zero else ():
+        log.info(line)
+    log.info("training prompt '%s'", prompts["instance"])
 
     class_images = prepare_class_images(cfg, subject, stages, device_of(accelerator), frozen_dtype)
-    components = load_components(cfg.model, component_dtypes(stages, frozen_dtype))
+    components = load_components(cfg.model, component_dtypes({t for s in stages for t in s.train}, frozen_dtype))
     model_info = dict(config["model"], pretrained=resolve_pretrained(cfg.model))
     info = dict(method=cfg.method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info)
@@ -308,11 +301,13 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
             records = evaluate_checkpoints(cfg, run.run_dir, run.device, run.frozen_dtype, logger)
         if trainer.is_global_zero:
             signals.clear_interrupted(run.run_dir)
-    log.info("run dir: %s", run.run_dir)
     if records:
         from personalize.eval.evaluate import print_table
 
         print_table(records, run.run_dir)
+    if trainer.is_global_zero:
+        for line in end_lines(run.run_dir, str(cfg.task_name)):
+            log.info(line)
     return run
 
 
