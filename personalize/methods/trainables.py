@@ -110,9 +110,7 @@ class TextEncoder(Trainable):
     def load_into(cls, pipe, ckpt_dir):
         from transformers import CLIPTextModel
 
-        if (ckpt_dir / "text_encoder").is_dir():
-            dtype, device = pipe.unet.dtype, pipe.unet.device
-            pipe.text_encoder = CLIPTextModel.from_pretrained(ckpt_dir / "text_encoder", dtype=dtype).to(device)
+        _replace_component(pipe, ckpt_dir, "text_encoder", CLIPTextModel)
 
 
 @register
@@ -190,9 +188,7 @@ class Unet(Trainable):
     def load_into(cls, pipe, ckpt_dir):
         from diffusers import UNet2DConditionModel
 
-        if (ckpt_dir / "unet").is_dir():
-            dtype, device = pipe.unet.dtype, pipe.unet.device
-            pipe.unet = UNet2DConditionModel.from_pretrained(ckpt_dir / "unet", dtype=dtype).to(device)
+        _replace_component(pipe, ckpt_dir, "unet", UNet2DConditionModel)
 
 
 @register
@@ -360,6 +356,13 @@ class CustomDiffusion(Trainable):
             processors[name] = processor.to(unet.device, unet.dtype)
         return processors
 
+
+
+def _replace_component(pipe, ckpt_dir: Path, name: str, model_class) -> None:
+    """A fine-tuned component saved whole (`<ckpt>/<name>/`) replaces the pipeline's, in its dtype and device."""
+    if (ckpt_dir / name).is_dir():
+        current = getattr(pipe, name)
+        setattr(pipe, name, model_class.from_pretrained(ckpt_dir / name, dtype=pipe.unet.dtype).to(current.device))
 
 def _claimed_on_unet(param_name: str) -> bool:
     """Whether a UNet parameter belongs to an adapter/processor trainable rather than to the UNet itself."""
