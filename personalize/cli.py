@@ -23,7 +23,7 @@ from personalize import signals
 from personalize.config import CONF_DIR as _CONF_DIR
 from personalize.errors import PersonalizeError
 import personalize.help  # noqa: F401 - registers the resolver of every entry point's --help text
-from personalize.schema import checked_cli
+from personalize.schema import check_template, checked_cli
 
 CONF_DIR = str(_CONF_DIR)
 log = logging.getLogger("personalize")
@@ -260,6 +260,8 @@ def sample_main(cfg: DictConfig):
     from personalize.sample import sample_checkpoint
 
     def task(cfg):
+        for i, template in enumerate(cfg.prompts):  # filled from checkpoint.json: a stray {x} is a KeyError there
+            check_template(f"prompts[{i}]", template)
         ckpt = resolve_checkpoint(Path(cfg.run_dir), cfg.step)
         out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "samples" / f"{ckpt.name}-cli"
         paths = sample_checkpoint(ckpt, list(cfg.prompts), out, num_images=int(cfg.num_images), seed=int(cfg.seed),

@@ -597,6 +597,14 @@ def _dotted(parts: Sequence) -> str:
     return text
 
 
+def check_template(key: str, template, fields: Sequence[str] = PROMPT_FIELDS) -> None:
+    """One line if a prompt template has a placeholder other than `fields` (for the templates of configs
+    without a row here: personalize-sample's `prompts`, the editing prompts)."""
+    message = Template(tuple(fields)).message(key, template)
+    if message:
+        raise PersonalizeError(message)
+
+
 def check_value(key: str, value, shown: str | None = None) -> None:
     """A PersonalizeError (one line naming the key, the value and what it accepts) if `value` is not one
     `key` can take. A key without a rule takes anything."""

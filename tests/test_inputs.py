@@ -391,3 +391,15 @@ def test_only_a_folder_of_hydras_own_files_counts_as_unused(tmp_path, monkeypatc
     monkeypatch.chdir(fresh)  # hydra.run.dir=. : the user's folder, whatever it holds
     assert unused_run_dir_files(fresh, ".hydra", [fresh / "train.log"]) is None
     assert unused_run_dir_files(tmp_path / "missing", ".hydra", []) is None
+
+
+def test_sample_prompts_are_checked_before_any_checkpoint_is_loaded(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = subprocess.run([str(Path(sys.executable).parent / "personalize-sample"), f"run_dir={run}",
+                             "prompts=[\"a {phrase} {oops}\"]"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "error: prompts[0]='a {phrase} {oops}' has the placeholder {oops}, which is never filled: "
+        "use only the placeholders {identifier}, {class_noun}, {phrase}"]
+    assert not list(run.glob(".sample-logs/*"))  # its log folder went with the error
