@@ -117,10 +117,7 @@ def deferred() -> Iterator[None]:
     _state.depth += 1
     try:
         yield
-    except BaseException:
-        raise
-    else:
-        if outermost and _state.received:
+        if outermost and _state.received:  # (only when the block ended normally)
             log.warning("received %s after the last point where the work could stop: it completed",
                         ", ".join(signal_name(s) for s in _state.received))
     finally:
