@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 
 from personalize.checkpoints import list_checkpoints
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+from personalize.devices import dtype_name
 
 
 def hardware_choice(hw_cfg, accelerator: str, precision: str, frozen: torch.dtype) -> str:
     """What the hardware preset resolved to, and, where it was `auto`, why."""
-    picked = f"{accelerator}, precision {precision}, frozen parts in {_DTYPE_NAMES.get(frozen, str(frozen))}"
+    picked = f"{accelerator}, precision {precision}, frozen parts in {dtype_name(frozen)}"
     reasons = []
     if str(hw_cfg.accelerator) == "auto":
         reasons.append(f"a CUDA GPU is visible ({torch.cuda.get_device_name(0)})" if accelerator == "gpu"

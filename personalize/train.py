@@ -19,6 +19,7 @@ from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_images, open_rgb, to_tensor
+from personalize.devices import device_of, resolve_hardware
 from personalize.io import atomic_write_text
 from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
@@ -30,36 +31,6 @@ from personalize.resume import SafetensorsCheckpointIO
 from personalize.tracking import build_logger, finishing_wandb, resolved_config
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_hardware(hw: DictConfig) -> tuple[str, str, torch.dtype]:
-    """(accelerator, precision, dtype of frozen parts) with `auto` decided by what this machine has."""
-    from personalize.errors import PersonalizeError
-
-    cuda = torch.cuda.is_available()
-    accelerator = hw.accelerator if hw.accelerator != "auto" else ("gpu" if cuda else "cpu")
-    if accelerator == "gpu" and not cuda:
-        raise PersonalizeError(f"hardware={hw.name} needs a CUDA GPU but none is visible: use hardware=cpu (or auto)")
-    precision = str(hw.precision)
-    if precision == "auto":
-        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if accelerator == "gpu" else "32-true"
-    frozen = str(hw.frozen_dtype)
-    if frozen == "auto":
-        frozen = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision, "float32")
-    uses_fp16 = precision in ("16-mixed", "16-true") or frozen == "float16"
-    if accelerator == "cpu" and uses_fp16:
-        # CPU autocast runs layer norms in fp32, which then meet fp16 weights: fp16 is a GPU setting
-        raise PersonalizeError(
-            f"hardware.precision={precision} with frozen_dtype={frozen} does not run on CPU: "
-            "use hardware.precision=bf16-mixed hardware.frozen_dtype=bfloat16 (or 32-true/float32)"
-        )
-    return accelerator, precision, _DTYPES[frozen]
-
-
-def device_of(accelerator: str) -> torch.device:
-    return torch.device("cuda" if accelerator == "gpu" else "cpu")
 
 
 def prompts_for(method_cfg: DictConfig, subject: Subject) -> dict:

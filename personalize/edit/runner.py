@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from personalize.devices import resolve_device, resolve_dtype
 from personalize.errors import PersonalizeError
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("personalize.edit")
 
 PLACEHOLDERS = ("phrase", "identifier", "class_noun")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 FILES = {
     "side_by_side": "side_by_side.png", "source": "source.png", "reconstruction": "reconstruction.png",
     "edited": "edited.png", "attention_source": "attention_source.png", "attention_target": "attention_target.png",
@@ -105,22 +104,6 @@ def open_photo(path) -> "Image.Image":
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise PersonalizeError(f"cannot read image '{path}' ({type(error).__name__}): pass a JPEG or PNG photo") from None
-
-
-def resolve_device(device: str | None) -> str:
-    device = str(device or "auto")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PersonalizeError(f"device={device} but no CUDA GPU is available: use device=cpu (or auto)")
-    return device
-
-
-def resolve_dtype(dtype: str | None) -> torch.dtype:
-    key = str(dtype or "float32")
-    if key not in _DTYPES:
-        raise PersonalizeError(f"dtype={key} is not one of float32, float16, bfloat16")
-    return _DTYPES[key]
 
 
 def run_root(run_or_ckpt: Path, ckpt: Path) -> Path:

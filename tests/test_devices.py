@@ -1,0 +1,78 @@
+"""personalize.devices: what `auto` becomes on a machine with and without a GPU, and the error lines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from personalize.devices import device_of, dtype_name, resolve_device, resolve_dtype, resolve_hardware
+from personalize.errors import PersonalizeError
+
+
+def preset(name="auto", accelerator="auto", precision="auto", frozen_dtype="auto"):
+    return OmegaConf.create(dict(name=name, accelerator=accelerator, precision=precision, frozen_dtype=frozen_dtype))
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A machine that reports a CUDA GPU; `bf16` says whether it supports bf16 (an A100 does, a V100 not)."""
+    def visible(bf16: bool = True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    return visible
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_auto_on_a_cpu_machine_is_fp32_on_cpu(no_gpu):
+    assert resolve_hardware(preset()) == ("cpu", "32-true", torch.float32)
+    assert device_of("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == resolve_device(None) == "cpu"
+
+
+@pytest.mark.parametrize("bf16, precision, frozen", [(True, "bf16-mixed", torch.bfloat16),
+                                                     (False, "16-mixed", torch.float16)])
+def test_auto_on_a_gpu_picks_bf16_where_supported_else_fp16(gpu, bf16, precision, frozen):
+    gpu(bf16)
+    assert resolve_hardware(preset()) == ("gpu", precision, frozen)
+    assert device_of("gpu") == torch.device("cuda")
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1"
+
+
+def test_explicit_settings_are_kept(gpu):
+    gpu(True)
+    assert resolve_hardware(preset("gpu", "gpu", "32-true", "float32")) == ("gpu", "32-true", torch.float32)
+    # frozen_dtype=auto follows the precision: the frozen parts run in the autocast dtype
+    assert resolve_hardware(preset("gpu_fp16", "gpu", "16-mixed"))[2] == torch.float16
+    assert resolve_hardware(preset("cpu", "cpu", "bf16-mixed", "bfloat16")) == ("cpu", "bf16-mixed", torch.bfloat16)
+
+
+def test_a_gpu_setting_without_a_gpu_is_one_line(no_gpu):
+    with pytest.raises(PersonalizeError, match=r"^hardware=gpu_bf16 needs a CUDA GPU but none is visible: "
+                                               r"use hardware=cpu \(or auto\)$"):
+        resolve_hardware(preset("gpu_bf16", "gpu", "bf16-mixed"))
+    with pytest.raises(PersonalizeError, match=r"^device=cuda:0 but no CUDA GPU is available: use device=cpu \(or auto\)$"):
+        resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("precision, frozen", [("16-mixed", "auto"), ("32-true", "float16")])
+def test_fp16_on_cpu_is_one_line(no_gpu, precision, frozen):
+    with pytest.raises(PersonalizeError, match=r"does not run on CPU: use hardware.precision=bf16-mixed "
+                                               r"hardware.frozen_dtype=bfloat16 \(or 32-true/float32\)$"):
+        resolve_hardware(preset("cpu", "cpu", precision, frozen))
+
+
+def test_dtype_names_and_aliases():
+    expected = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    assert {name: resolve_dtype(name) for name in expected} == expected
+    assert resolve_dtype(None) == torch.float32
+    with pytest.raises(PersonalizeError, match=r"^dtype=half is not one of float32, float16, bfloat16$"):
+        resolve_dtype("half")
+    assert [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
+    assert dtype_name(torch.float64) == "torch.float64"
