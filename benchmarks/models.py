@@ -12,7 +12,7 @@ Speed does not depend on the weight values, only on the shapes, so the benchmark
 - `tiny`:  the test suite's tiny model (`personalize.tiny`), for `--quick` smoke runs only.
 
 Each is written in the diffusers folder layout (a `model_index.json` pipeline folder with the SD 2.1-base
-PNDM scheduler) so `personalize.models.load_components` loads it exactly as it loads a hub checkpoint.
+PNDM scheduler) so `personalize.backbones.load_components` loads it exactly as it loads a hub checkpoint.
 The evaluation models (CLIP ViT-B/32, DINO ViT-S/16) get the same treatment for timing the metrics.
 """
 

@@ -35,7 +35,7 @@ from benchmarks.training import Plan, bench_method, compose_method, instrumented
 from personalize.cli import quiet_libraries
 from personalize.config import PROJECT_ROOT
 from personalize.io import atomic_write_json
-from personalize.models import load_pipeline
+from personalize.backbones import load_pipeline
 from personalize.train import prepare_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds `benchmarks/` and `personalize/`

@@ -32,7 +32,8 @@ from personalize.class_images import ensure_class_images
 from personalize.data import Subject
 from personalize.eval.evaluate import EvalSettings, evaluate_run
 from personalize.eval.protocols import build_protocol
-from personalize.models import load_pipeline, make_sampler
+from personalize.backbones import load_pipeline
+from personalize.models import make_sampler
 from personalize.train import class_image_spec
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from personalize.checkpoints import read_info
 from personalize.methods.trainables import TRAINABLES
-from personalize.models import load_pipeline
+from personalize.backbones import load_pipeline
 
 
 def apply_checkpoint(pipe, ckpt_dir: Path):

@@ -1,4 +1,6 @@
-"""Load a Stable Diffusion model (hub id or local folder) into its components.
+"""Find and fetch a model (hub id or local folder): the hub, its errors, the weights' hash, the samplers.
+
+Which classes a model family loads is its Backbone's (personalize/backbones/).
 
 Every model, the locally built tiny one included, goes through the same `from_pretrained` calls, so
 what the tests exercise is what a real run does. A hub model that cannot be loaded is a one-line
@@ -16,13 +18,9 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
 
-from personalize import instrument
 from personalize.errors import PersonalizeError
 
 log = logging.getLogger(__name__)
@@ -50,15 +48,6 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MARKER_SUFFIX = ".sha256-ok"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 16 * 2**20  # streaming: a 3.4 GB file never sits in memory
-
-
-@dataclass
-class SDComponents:
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: Any  # the training (DDPM) scheduler, configured like the model's own
 
 
 def is_local_path(source: str) -> bool:
@@ -359,43 +348,6 @@ def verify_unet_if_present(source: str, model_cfg) -> tuple[Path, bool] | None:
     if expected_unet_sha256(model_cfg) is None or find_unet_weights(source, model_cfg) is None:
         return None
     return verify_unet(source, model_cfg)
-
-
-# --------------------------------------------------------------------------------------- loading
-def load_components(model_cfg, dtypes: dict[str, torch.dtype] | None = None) -> SDComponents:
-    """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler of an SD 1.x/2.x model.
-
-    `dtypes` maps component name -> dtype (default float32), so frozen parts load directly in half precision.
-    """
-    dtypes = dtypes or {}
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    source = resolve_pretrained(model_cfg)
-    tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", model_cfg)
-    fp32 = torch.float32
-    text_encoder = load_pretrained(CLIPTextModel, source, "text_encoder", model_cfg, dtype=dtypes.get("text_encoder", fp32))
-    vae = load_pretrained(AutoencoderKL, source, "vae", model_cfg, dtype=dtypes.get("vae", fp32))
-    unet = load_pretrained(UNet2DConditionModel, source, "unet", model_cfg, dtype=dtypes.get("unet", fp32))
-    verify_unet(source, model_cfg)  # after the load, which is what downloads the file
-    noise_scheduler = load_pretrained(DDPMScheduler, source, "scheduler", model_cfg)
-    return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
-
-
-@instrument.timed("load_pipeline")  # the benchmark times pipeline loads through this span
-def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
-    """A stock `StableDiffusionPipeline` of the base model; `components` replace loaded ones (e.g. unet=)."""
-    from diffusers import StableDiffusionPipeline
-
-    source = resolve_pretrained(model_cfg)
-    pipe = load_pretrained(
-        StableDiffusionPipeline, source, None, model_cfg, dtype=dtype,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components,
-    )
-    if "unet" not in components:  # a UNet passed in replaces the base one: its file is not what runs
-        verify_unet(source, model_cfg)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # Sampler names of the configs (samples/class_images/eval.sampler) -> diffusers scheduler class; the

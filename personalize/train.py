@@ -26,7 +26,8 @@ from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
 from personalize.methods.trainables import component_dtypes
-from personalize.models import load_components, load_pipeline, resolve_pretrained
+from personalize.backbones import backbone_for, load_components, load_pipeline
+from personalize.models import resolve_pretrained
 from personalize.resume import SafetensorsCheckpointIO
 from personalize.tracking import build_logger, finishing_wandb, resolved_config
 
@@ -145,60 +146,16 @@ def prepare_run(cfg: DictConfig) -> Run:
     model_info = dict(config["model"], pretrained=resolve_pretrained(cfg.model))
     info = dict(method=cfg.method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info)
-    module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed))
+    module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed),
+                          backbone=backbone_for(cfg.model))
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
 
 
-# What `Personalizer._predict` has a target for; diffusers also knows "sample", which our loss does not.
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-class _ConfigOnly:
-    """A `load_pretrained` loader that reads a component's config.json alone (bytes, not weights)."""
-
-    def __init__(self, model_class):
-        self.model_class = model_class
-
-    def from_pretrained(self, source, **kwargs):
-        kwargs.pop("variant", None)  # names a weights file; the config is shared by every variant
-        return self.model_class.load_config(source, **kwargs)
-
-
 def check_model(cfg: DictConfig) -> None:
-    """The model must be there and suit the settings; checked on its config files (a few bytes, loaded
-    through the same path as the weights: local folder, cache, hub), before anything is written.
-
-    - It predicts what our loss can train (scheduler/scheduler_config.json `prediction_type`).
-    - `model.resolution` is a multiple of its total downsampling: the VAE's 2**(len(block_out_channels) - 1)
-      (diffusers' `vae_scale_factor`, 8 for SD) times the UNet's 2**(down blocks - 1) (8 for SD: 64 in all),
-      so latents and every UNet level have whole sizes and the skip connections line up.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from personalize.errors import PersonalizeError
-    from personalize.models import load_pretrained, verify_unet_if_present
-
-    source = resolve_pretrained(cfg.model)
-    scheduler = load_pretrained(DDPMScheduler, source, "scheduler", cfg.model)
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind not in PREDICTION_TYPES:
-        raise PersonalizeError(
-            f"model '{source}' has prediction_type={kind} (scheduler/scheduler_config.json), which this training "
-            f"cannot target: use a model whose scheduler predicts one of {', '.join(PREDICTION_TYPES)}"
-        )
-    vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg.model)
-    unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg.model)
-    verify_unet_if_present(source, cfg.model)  # cached weights that do not match model.unet_sha256 fail here
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
-    multiple, resolution = vae_factor * unet_factor, int(cfg.model.resolution)
-    if resolution % multiple:
-        lower = resolution // multiple * multiple
-        choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
-        raise PersonalizeError(
-            f"model.resolution={resolution} does not suit model '{source}': use a multiple of {multiple} "
-            f"(its VAE downsamples {vae_factor}x, its UNet {unet_factor}x more), e.g. {choices}"
-        )
+    """The model must be there and suit the settings (its backbone says what that means); checked on its
+    config files (a few bytes, loaded through the same path as the weights: local folder, cache, hub),
+    before anything is written."""
+    backbone_for(cfg.model).check_model()
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:

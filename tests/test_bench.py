@@ -26,7 +26,7 @@ from benchmarks.training import Plan, compose_method, placeholder_class_images
 from personalize import instrument
 from personalize.config import CONF_DIR, PROJECT_ROOT, compose
 from personalize.data import Subject
-from personalize.models import load_pipeline
+from personalize.backbones import load_pipeline
 from personalize.methods.stages import parse_stages
 from personalize.tiny import TINY_RESOLUTION
 from personalize.train import prepare_class_images

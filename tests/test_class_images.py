@@ -64,7 +64,7 @@ def tiny_spec():
 
 
 def _ensure(tiny_spec, count: int, root, batch_size: int) -> list:
-    from personalize.models import load_pipeline
+    from personalize.backbones import load_pipeline
 
     model, spec = tiny_spec
     return class_images.ensure_class_images(spec, count, root, lambda: load_pipeline(model), batch_size=batch_size)
@@ -131,7 +131,7 @@ def test_another_batch_size_or_another_cpu_gives_images_close_but_not_promised_e
     script = (
         "import sys\n"
         "from personalize.config import compose\n"
-        "from personalize.models import load_pipeline, resolve_pretrained\n"
+        "from personalize.backbones import load_pipeline\nfrom personalize.models import resolve_pretrained\n"
         "import personalize.class_images as ci\n"
         "model = compose('train', ['model=tiny'], output_dir='/unused').model\n"
         f"spec = ci.{tiny_spec[1]!r}\n"
@@ -154,7 +154,7 @@ def test_parallel_jobs_of_one_class_generate_once(tmp_path):
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from personalize.config import compose\n"
-        "from personalize.models import load_pipeline, resolve_pretrained\n"
+        "from personalize.backbones import load_pipeline\nfrom personalize.models import resolve_pretrained\n"
         "import personalize.class_images as ci\n"
         "model = compose('train', ['model=tiny'], output_dir='/unused').model\n"
         "spec = ci.ClassImageSpec(resolve_pretrained(model), None, 'a photo of dog', '', 'dpm_multistep', 4, 7.5, 64, 0)\n"

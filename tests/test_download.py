@@ -165,7 +165,7 @@ def test_download_fetches_only_what_we_load_verifies_the_unet_and_runs_offline(s
     script = """
 from personalize.config import compose
 from personalize.eval.metrics import ClipEncoder, DinoEncoder
-from personalize.models import load_components, load_pipeline
+from personalize.backbones import load_components, load_pipeline
 model = compose("train", ["model=sd21_base", "model.unet_sha256=%s"], output_dir="/unused").model
 components = load_components(model)
 pipe = load_pipeline(model)

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
-from personalize.models import MOVED_MODELS, hub_error, load_components, load_pipeline, marker_path, verify_unet
+from personalize.backbones import load_components, load_pipeline
+from personalize.models import MOVED_MODELS, hub_error, marker_path, verify_unet
 from tests.fakehub import FakeHub, FakeRepo
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -255,7 +256,8 @@ import sys
 from omegaconf import OmegaConf
 from transformers import CLIPTextModel
 from personalize.errors import PersonalizeError
-from personalize.models import load_components, load_pipeline, load_pretrained
+from personalize.backbones import load_components, load_pipeline
+from personalize.models import load_pretrained
 def cfg(pretrained, **extra):
     return OmegaConf.create(dict(dict(pretrained=pretrained, tiny=False, revision=None, variant=None), **extra))
 cases = [

@@ -26,6 +26,7 @@ from personalize.io import atomic_write_text, remove_stale_temps
 from personalize.resume import SafetensorsCheckpointIO, find_run, list_resume_states
 from personalize.tracking import resolved_config
 from personalize.train import fit, prepare_run
+from tests.wandb_offline import offline_runs
 
 COMMON = ["eval=none", "subject=sample_dog"]  # make_cfg adds debug=default; the CLI gets it below
 # two stages with checkpoints in both, so a resume from stage 1 has to cross into stage 2
@@ -135,7 +136,7 @@ def test_class_image_generation_killed_fills_only_what_is_missing(tmp_path, make
     # the images equal a generation that was never interrupted (same batch size, same machine: the resume
     # remade batch [0,3) whole, so #2 had the same neighbours), and so does the training on them
     from personalize.class_images import ClassImageSpec, ensure_class_images
-    from personalize.models import load_pipeline
+    from personalize.backbones import load_pipeline
 
     cfg = make_cfg(*COMMON, *DREAMBOOTH, name="uninterrupted")
     spec = ClassImageSpec(**json.loads((folder / "spec.json").read_text()))
@@ -235,7 +236,6 @@ def test_same_config_and_seed_give_bit_identical_weights_images_and_metrics(make
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(make_cfg):
-    from personalize.tracking import offline_runs
     from personalize.train import train
 
     quick = ("method=finetune", "subject=sample_dog", "method.stages.unet.steps=4", "method.stages.unet.checkpoint_every=2",

@@ -32,6 +32,7 @@ from personalize.resume import list_resume_states
 from personalize.train import fit, prepare_run
 from tests import sweeps
 from tests.test_resume import TWO_STAGE, assert_same_outputs, records, run_dirs
+from tests.wandb_offline import offline_runs, read_offline_exit
 
 QUICK = ["eval=none", "subject=sample_dog", "samples.num_images=1"]
 
@@ -166,7 +167,6 @@ def note(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------- training
 def test_sigterm_in_training_saves_that_step_exits_143_and_resumes_bit_identical(tmp_path, make_cfg):
-    from personalize.tracking import offline_runs, read_offline_exit
 
     args = [*QUICK, *TWO_STAGE, "logger=wandb_offline", f"paths.log_dir={tmp_path / 'out'}"]
     code, log = interrupt_at("step:3", signal.SIGTERM, cli(*args), tmp_path)
@@ -212,7 +212,7 @@ DREAMBOOTH = ["method=dreambooth", "method.stages.unet.steps=2", "method.stages.
 def test_sigusr1_in_class_image_generation_stops_between_batches_exits_138(tmp_path, isolated_cache):
     from personalize.class_images import ClassImageSpec, ensure_class_images
     from personalize.config import compose
-    from personalize.models import load_pipeline
+    from personalize.backbones import load_pipeline
 
     args = [*QUICK, *DREAMBOOTH, f"paths.log_dir={tmp_path / 'out'}"]
     code, log = interrupt_at("class-image:0", signal.SIGUSR1, cli(*args), tmp_path)

@@ -348,7 +348,8 @@ class Evaluator:
 
     def pipeline(self):
         if self.pipe is None:
-            from personalize.models import load_pipeline, make_sampler
+            from personalize.backbones import load_pipeline
+            from personalize.models import make_sampler
 
             log.info("eval: loading the base model %s", self.model_cfg.pretrained)
             if torch.cuda.is_available():

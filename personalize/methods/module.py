@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from personalize.backbones import Backbone, Components, Conditioning, backbone_for
+from personalize.backbones.objectives import Draw, LossSettings, NoiseSettings
 from personalize.checkpoints import INFO_FILE
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir, atomic_write_json
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
-from personalize.models import SDComponents
 from personalize.resume import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,9 @@ class StepLoader(DataLoader):
 
 
 class Personalizer(L.LightningModule):
-    def __init__(self, components: SDComponents, method_cfg, prompts: dict, instance_images: torch.Tensor,
+    def __init__(self, components: Components, method_cfg, prompts: dict, instance_images: torch.Tensor,
                  class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, backbone: Backbone | None = None):
         super().__init__()
         self.automatic_optimization = False
         # resume states hold only what trained (see on_save_checkpoint); the frozen rest comes from the base model
@@ -116,6 +117,11 @@ class Personalizer(L.LightningModule):
         self.vae = components.vae
         self.unet = components.unet
         self.noise_scheduler = components.noise_scheduler
+        self.components = components
+        # the model family: prompt conditioning, objective, denoiser call (SD 1.x/2.x when not given)
+        self.backbone = backbone or backbone_for(None)
+        self.objective = self.backbone.objective(components, NoiseSettings.from_cfg(method_cfg.get("noise")),
+                                                 LossSettings.from_cfg(method_cfg.get("loss")))
         self.instance_prompt = prompts["instance"]
         self.class_prompt = prompts.get("class")
         self.identifier = prompts["identifier"]
@@ -126,7 +132,7 @@ class Personalizer(L.LightningModule):
         self.batch_size = int(method_cfg.batch_size)
         self._images = {"instance": instance_images, "class": class_images}
         self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._prompt_embeds: dict[str, torch.Tensor] = {}
+        self._prompt_embeds: dict[str, Conditioning] = {}
         self._current_stage: Stage | None = None
 
         if any(s.prior_loss_weight > 0 for s in self.stages) and class_images is None:
@@ -189,10 +195,14 @@ class Personalizer(L.LightningModule):
         full = torch.randn((rows * world, *shape[1:]), generator=self.generator, device=self.device)
         return full[rank * rows:(rank + 1) * rows]
 
-    def _randint(self, high: int, rows: int) -> torch.Tensor:
+    def _randint(self, low: int, high: int, rows: int) -> torch.Tensor:
         world, rank = self._ranks()
-        full = torch.randint(0, high, (rows * world,), generator=self.generator, device=self.device)
+        full = torch.randint(low, high, (rows * world,), generator=self.generator, device=self.device)
         return full[rank * rows:(rank + 1) * rows]
+
+    def _draw(self, latents: torch.Tensor) -> Draw:
+        """The objective's random numbers (noise, timesteps...) for these rows, from the run's generator."""
+        return self.objective.draw(tuple(latents.shape), self._randn, self._randint)
 
     @torch.no_grad()
     def cache_latents(self) -> None:
@@ -266,17 +276,14 @@ class Personalizer(L.LightningModule):
                 if self.class_prompt is not None and stage.prior_loss_weight > 0:
                     self._prompt_embeds["class"] = self._encode_prompt(self.class_prompt)
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+    def _encode_prompt(self, prompt: str) -> Conditioning:
+        return self.backbone.encode_prompt(self.components, [prompt], self.device)
 
-    def _prompt_batch(self, name: str, prompt: str, n: int) -> torch.Tensor:
+    def _prompt_batch(self, name: str, prompt: str, n: int) -> Conditioning:
         embeds = self._prompt_embeds.get(name)
         if embeds is None:  # the text encoder (or the token) trains: encode with gradients, every step
             embeds = self._encode_prompt(prompt)
-        return embeds.expand(n, -1, -1)
+        return embeds.expand(n)
 
     def _sample_latents(self, name: str, index: torch.Tensor) -> torch.Tensor:
         mean, std = self._latents[name]
@@ -289,25 +296,26 @@ class Personalizer(L.LightningModule):
         if stage is not self._current_stage:
             self._enter_stage(stage)
         instance_idx, class_idx = batch
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
         latents = self._sample_latents("instance", instance_idx)
-        noise = self._randn(latents.shape)
-        timesteps = self._randint(num_timesteps, len(latents))
+        draw = self._draw(latents)
         embeds = self._prompt_batch("instance", self.instance_prompt, len(latents))
         n_instance = len(latents)
-        if stage.prior_loss_weight > 0:
+        if stage.prior_loss_weight > 0:  # the class rows, each with its own noise and timesteps
             class_latents = self._sample_latents("class", class_idx)
+            class_draw = self._draw(class_latents)
             latents = torch.cat([latents, class_latents])
-            noise = torch.cat([noise, self._randn(class_latents.shape)])
-            timesteps = torch.cat([timesteps, self._randint(num_timesteps, len(class_latents))])
-            embeds = torch.cat([embeds, self._prompt_batch("class", self.class_prompt, len(class_idx))])
+            draw = Draw(*(None if a is None else torch.cat([a, b]) for a, b in
+                          zip((draw.noise, draw.timesteps, draw.perturbation),
+                              (class_draw.noise, class_draw.timesteps, class_draw.perturbation))))
+            embeds = Conditioning.cat([embeds, self._prompt_batch("class", self.class_prompt, len(class_idx))])
 
-        pred, target = self._predict(latents, noise, timesteps, embeds)
+        pred, target = self._predict(latents, draw, embeds)
 
-        instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
+        weights = self.objective.row_weights(draw.timesteps)
+        instance_loss = _loss(pred[:n_instance], target[:n_instance], None if weights is None else weights[:n_instance])
         loss = instance_loss
         if stage.prior_loss_weight > 0:
-            prior_loss = F.mse_loss(pred[n_instance:], target[n_instance:])
+            prior_loss = _loss(pred[n_instance:], target[n_instance:], None if weights is None else weights[n_instance:])
             loss = instance_loss + stage.prior_loss_weight * prior_loss
             self.log("train/prior_loss", prior_loss, on_step=True, batch_size=n_instance)
 
@@ -327,15 +335,11 @@ class Personalizer(L.LightningModule):
         self.log("train/stage", float(self.stages.index(stage)), on_step=True, batch_size=n_instance)
         return loss
 
-    def _predict(self, latents, noise, timesteps, embeds) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet's prediction for noised latents, and what it should have predicted."""
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768 models
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps, embeds.to(self.unet.dtype)).sample.float()
-        return pred, target
+    def _predict(self, latents: torch.Tensor, draw: Draw, conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's prediction for the noised latents, and what it should have predicted."""
+        noisy = self.objective.noisy(latents, draw)
+        pred = self.backbone.denoise(self.components, noisy, draw.timesteps, conditioning)
+        return pred, self.objective.target(latents, draw)
 
     @torch.no_grad()
     def fixed_loss(self, seed: int = 0, timesteps: tuple[int, ...] = (50, 250, 450, 650, 850)) -> float:
@@ -344,11 +348,12 @@ class Personalizer(L.LightningModule):
             self.cache_latents()
         latents = self._latents["instance"][0]
         generator = torch.Generator().manual_seed(seed)
-        embeds = self._encode_prompt(self.instance_prompt).expand(len(latents), -1, -1)
+        embeds = self._encode_prompt(self.instance_prompt).expand(len(latents))
         losses = []
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
-            pred, target = self._predict(latents, noise, torch.full((len(latents),), t, device=self.device), embeds)
+            draw = Draw(noise, torch.full((len(latents),), t, device=self.device))
+            pred, target = self._predict(latents, draw, embeds)
             losses.append(F.mse_loss(pred, target))
         return float(torch.stack(losses).mean())
 
@@ -363,8 +368,8 @@ class Personalizer(L.LightningModule):
             self.cache_latents()
         latents = self._latents["instance"][0][:1]
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents)
-        t = torch.full((1,), self.noise_scheduler.config.num_train_timesteps // 2, device=self.device)
-        pred, _ = self._predict(latents, noise, t, self._encode_prompt(self.instance_prompt))
+        t = torch.full((1,), self.objective.num_train_timesteps // 2, device=self.device)
+        pred, _ = self._predict(latents, Draw(noise, t), self._encode_prompt(self.instance_prompt))
         return bool(torch.isfinite(pred).all())
 
     def _set_lr(self, optimizer, stage: Stage) -> None:
@@ -418,3 +423,12 @@ class Personalizer(L.LightningModule):
 
     def total_steps(self) -> int:
         return self.stages[-1].end
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """The MSE of these rows; with row weights (Min-SNR-γ), each row's mean error times its weight, averaged
+    over the rows, as the diffusers scripts compute it."""
+    if row_weights is None:
+        return F.mse_loss(pred, target)
+    per_row = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    return (per_row * row_weights).mean()

@@ -1,0 +1,96 @@
+"""What a model family is to the framework: the Backbone interface, its components and conditioning.
+
+A Backbone owns everything that differs between model families (shared/DESIGN.md): which classes its
+components are and how they load, how a prompt becomes the denoiser's conditioning, the training
+objective (noise, target, loss weighting), the denoiser call, the stock pipeline used for sampling,
+class images, evaluation and editing, the default LoRA targets, and which resolutions are valid.
+The LightningModule, the Trainables, class images, evaluation and the report only talk to it through
+these methods, so adding a family (SDXL: two text encoders, pooled embeddings and time ids; FLUX.1: T5 +
+CLIP conditioning, a transformer denoiser, flow matching) is one subclass plus a model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from personalize.backbones.objectives import LossSettings, NoiseSettings
+
+
+class Conditioning(dict):
+    """The denoiser's prompt conditioning: named tensors whose first dimension is the batch.
+
+    SD 1.x/2.x has one (`encoder_hidden_states`); SDXL adds `text_embeds` and `time_ids`; FLUX has
+    `encoder_hidden_states`, `pooled_projections` and `txt_ids`. The module only batches them.
+    """
+
+    def expand(self, rows: int) -> Conditioning:
+        return Conditioning({k: v.expand(rows, *v.shape[1:]) for k, v in self.items()})
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        return Conditioning({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        return Conditioning({k: v.to(dtype) if v.is_floating_point() else v for k, v in self.items()})
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.values())))
+
+
+@dataclass
+class Components:
+    """A model's loaded parts. `unet` is the denoiser (a transformer for flow models); `extra` holds what
+    only some families have (SDXL's second tokenizer and text encoder)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # the training scheduler, configured like the model's own
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
+        """(tokenizer, text encoder) pairs: where a new token must be added."""
+        return [(self.tokenizer, self.text_encoder)]
+
+
+class Backbone:
+    """One model family (see the module docstring). Instances carry the model config."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]  # the stock diffusers pipeline that samples it
+    default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules LoRA adapts when method.lora.target_modules is null
+    supports_editing: ClassVar[bool] = False  # prompt-to-prompt's attention control knows its attention layers
+
+    def __init__(self, model_cfg):
+        self.model_cfg = model_cfg
+
+    # -- loading
+    def check_model(self) -> None:
+        """The model exists and suits the settings (resolution, prediction type), from its config files
+        alone: called before anything is written. Raises one PersonalizeError line."""
+        raise NotImplementedError
+
+    def load_components(self, dtypes: dict[str, torch.dtype] | None = None) -> Components:
+        raise NotImplementedError
+
+    def load_pipeline(self, dtype: torch.dtype = torch.float32, **components):
+        """The stock pipeline of the base model; `components` replace loaded ones (e.g. unet=)."""
+        raise NotImplementedError
+
+    # -- training
+    def objective(self, components: Components, noise: NoiseSettings = NoiseSettings(),
+                  loss: LossSettings = LossSettings()):
+        raise NotImplementedError
+
+    def encode_prompt(self, components: Components, prompts: list[str], device) -> Conditioning:
+        raise NotImplementedError
+
+    def denoise(self, components: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for noised latents, in float32."""
+        raise NotImplementedError
