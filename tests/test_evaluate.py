@@ -16,6 +16,7 @@ from personalize.errors import PersonalizeError
 from personalize.eval import evaluate as E
 from personalize.eval.metrics import METRIC_NAMES
 from personalize.eval.protocols import PROTOCOLS
+from tests.wandb_offline import offline_runs, read_offline_history
 
 # debug=default: every protocol and metric with 1-2 images per prompt and 2 sampler steps.
 SHORT = ["debug=default", "method=two_stage", "subject=sample_dog", "logger=wandb_offline",
@@ -60,7 +61,6 @@ def test_full_evaluation_writes_every_protocol_metric_and_checkpoint(trained):
 
 
 def test_wandb_offline_run_holds_the_same_numbers(trained):
-    from personalize.tracking import offline_runs, read_offline_history
 
     _, run_dir = trained
     (wandb_run,) = offline_runs(run_dir)
@@ -134,7 +134,6 @@ def test_references_are_encoded_once_for_all_checkpoints(trained, monkeypatch):
 
 
 def test_eval_cli_re_evaluates_an_existing_run(trained):
-    from personalize.tracking import offline_runs, read_offline_history
 
     _, run_dir = trained
     runs_before = len(offline_runs(run_dir))
