@@ -155,7 +155,7 @@ def check_model(cfg: DictConfig) -> None:
     """The model must be there and suit the settings (its backbone says what that means); checked on its
     config files (a few bytes, loaded through the same path as the weights: local folder, cache, hub),
     before anything is written."""
-    backbone_for(cfg.model).check_model()
+    backbone_for(cfg.model).check_model(cfg.method)
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:

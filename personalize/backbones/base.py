@@ -70,9 +70,10 @@ class Backbone:
         self.model_cfg = model_cfg
 
     # -- loading
-    def check_model(self) -> None:
-        """The model exists and suits the settings (resolution, prediction type), from its config files
-        alone: called before anything is written. Raises one PersonalizeError line."""
+    def check_model(self, method_cfg=None) -> None:
+        """The model exists and suits the settings (resolution, prediction type, the method's objective
+        options), from its config files alone: called before anything is written. Raises one
+        PersonalizeError line."""
         raise NotImplementedError
 
     def load_components(self, dtypes: dict[str, torch.dtype] | None = None) -> Components:

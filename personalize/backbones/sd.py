@@ -27,8 +27,9 @@ class StableDiffusion(Backbone):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' examples
     supports_editing = True
 
-    def check_model(self) -> None:
-        """- It predicts what the objective can train (scheduler/scheduler_config.json `prediction_type`).
+    def check_model(self, method_cfg=None) -> None:
+        """- It predicts what the objective can train (scheduler/scheduler_config.json `prediction_type`), and
+          the method's timestep range fits its schedule.
         - `model.resolution` is a multiple of its total downsampling: the VAE's 2**(len(block_out_channels) - 1)
           (diffusers' `vae_scale_factor`, 8 for SD) times the UNet's 2**(down blocks - 1) (8 for SD: 64 in all),
           so latents and every UNet level have whole sizes and the skip connections line up.
@@ -44,6 +45,8 @@ class StableDiffusion(Backbone):
                 f"model '{source}' has prediction_type={kind} (scheduler/scheduler_config.json), which this training "
                 f"cannot target: use a model whose scheduler predicts one of {', '.join(DDPMObjective.PREDICTION_TYPES)}"
             )
+        if method_cfg is not None:  # the objective's own checks (the timestep range against this schedule)
+            DDPMObjective(scheduler, NoiseSettings.from_cfg(method_cfg.get("noise")), LossSettings.from_cfg(method_cfg.get("loss")))
         vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg)
         unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg)
         verify_unet_if_present(source, cfg)  # cached weights that do not match model.unet_sha256 fail here
