@@ -183,6 +183,8 @@ class CheckpointInfo:
     prompt: str | None = None  # the instance prompt it trained with
     seed: int = 0
     contents: list[str] = field(default_factory=list)  # the files and folders its Trainables saved
+    # the run's method settings that differ from its method file ({"method.loss.snr_gamma": 5.0}): methods/recipe.py
+    overrides: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, written back as read
 
     REQUIRED = ("step", "identifier", "class_noun", "model")

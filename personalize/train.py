@@ -25,6 +25,7 @@ from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
+from personalize.methods.recipe import overrides as method_overrides
 from personalize.methods.trainables import component_dtypes
 from personalize.backbones import backbone_for, load_components, load_pipeline
 from personalize.models import resolve_pretrained
@@ -145,7 +146,8 @@ def prepare_run(cfg: DictConfig) -> Run:
     components = load_components(cfg.model, component_dtypes({t for s in stages for t in s.train}, frozen_dtype))
     model_info = dict(config["model"], pretrained=resolve_pretrained(cfg.model))
     info = dict(method=cfg.method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
-                phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info)
+                phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info,
+                overrides=method_overrides(cfg.method))
     module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed),
                           backbone=backbone_for(cfg.model))
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
