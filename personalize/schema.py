@@ -413,6 +413,12 @@ def _samplers() -> list[str]:
     return list(SAMPLERS)
 
 
+def _backbones() -> tuple[str, ...]:
+    from personalize.backbones import BACKBONES  # imports torch: only when a model config is checked
+
+    return tuple(BACKBONES)
+
+
 def _trainables() -> tuple[str, ...]:
     from personalize.methods.trainables import TRAINABLES  # imports torch: only when a stage is checked
 
@@ -514,6 +520,7 @@ RULES: dict[str, Rule] = {
     "method.stages.*.lr_warmup_steps": Number(int, 0, null="none", means="linear warmup steps"),
 
     "model.name": Text(),
+    "model.backbone": Choice(_backbones, means="the model family"),
     "model.pretrained": Text(means="a hub id or a diffusers folder"),
     "model.revision": Text(null="the default branch"),
     "model.variant": Text(null="the default weights"),
