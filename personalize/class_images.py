@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_save_image, atomic_write_json, remove_stale_temps
+from personalize.models import make_sampler
+from personalize.sample import seeded_images
 from personalize.signals import raise_if_interrupted
 
 log = logging.getLogger(__name__)
@@ -147,9 +149,6 @@ def _generate(pipe, spec: ClassImageSpec, folder: Path, todo: list[int], batches
     The whole batch, not just its missing images: the same batch shape as an uninterrupted generation
     is what makes the missing images bit-identical to the ones it would have made.
     """
-    from personalize.models import make_sampler
-    from personalize.sample import seeded_images
-
     make_sampler(pipe, spec.sampler)
     pipe.to(device)
     wanted = set(todo)

@@ -6,6 +6,9 @@ import os
 import re
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -77,10 +80,6 @@ OmegaConf.register_new_resolver("init_word", derive_init_word, replace=True)
 
 def compose(config_name: str = "train", overrides: list[str] | None = None, output_dir: str | Path | None = None) -> DictConfig:
     """Compose a config as the CLI would (tests, notebooks); `output_dir` stands in for Hydra's run dir."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"paths.output_dir={output_dir}")

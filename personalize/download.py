@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
 from omegaconf import DictConfig
 
 from personalize.errors import PersonalizeError
@@ -58,8 +59,6 @@ def download_patterns(variant: str | None = None, networks: tuple[str, ...] = tu
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str], model_cfg=None) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
     except Exception as error:  # noqa: BLE001 - every hub failure becomes one line; anything else is a bug

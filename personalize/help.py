@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from personalize.config import CONF_DIR
+from personalize.schema import group_options
 
 # config name -> (command, what it does, example commands)
 _APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -97,8 +98,6 @@ def _groups_of(config_name: str, conf_dir: Path = CONF_DIR) -> list[str]:
 def group_listing(config_name: str, conf_dir: Path = CONF_DIR) -> str:
     """`group: option, option` lines. Files starting with `_` are shared bases and files in a group's
     subfolders are parts of one option (experiment/jindal2023_table1_smoke/lora.yaml): neither is a choice."""
-    from personalize.schema import group_options
-
     lines = []
     for group in _groups_of(config_name, conf_dir):
         options = [o for o in group_options(group, str(conf_dir)) if "/" not in o and not o.startswith("_")]

@@ -17,7 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from personalize.io import build_atomically
 from personalize.prompts import project_vocabulary
 
 TINY_RESOLUTION = 64  # 64 px images -> 8x8 latents, like 512 -> 64 in SD
@@ -82,8 +85,6 @@ def tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
 
 
 def build_tokenizer(out_dir: Path):
-    from transformers import CLIPTokenizer
-
     vocab, merges = tokenizer_files(project_vocabulary())
     tokenizer = CLIPTokenizer(
         vocab=vocab, merges=merges,
@@ -95,9 +96,6 @@ def build_tokenizer(out_dir: Path):
 
 def build_tiny_sd(out_dir: Path) -> None:
     """Write a tiny SD pipeline to `out_dir` in the diffusers folder layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(out_dir / "tokenizer")
     torch.manual_seed(0)
@@ -133,6 +131,4 @@ def build_tiny_sd(out_dir: Path) -> None:
 
 def ensure_tiny_sd(path: str | os.PathLike) -> Path:
     """Build the tiny SD at `path` unless it is already there. Safe when several jobs race to build it."""
-    from personalize.io import build_atomically
-
     return build_atomically(Path(path), "model_index.json", build_tiny_sd)

@@ -49,7 +49,7 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     """A Lightning WandbLogger per `cfg.logger`, or False for `logger=none`."""
     if cfg.logger.backend == "none":
         return False
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger  # lazy: imports torch, and the torch-free report imports this module
 
     os.environ.setdefault("WANDB_SILENT", "true")
     offline = cfg.logger.mode == "offline"
@@ -85,7 +85,7 @@ def finishing_wandb(continues_interrupted: bool = False):
         raise
     finally:
         try:
-            import wandb
+            import wandb  # optional: a run without W&B installed has nothing to close
 
             if wandb.run is not None:
                 _mark_interruption(wandb.run, stop, continues_interrupted)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from PIL import Image
 
 from personalize.edit.attention import AttentionStore, controlled_attention
@@ -31,8 +32,6 @@ Embeds = torch.Tensor | Sequence[torch.Tensor]
 
 def make_scheduler(config, num_inference_steps: int):
     """A DDIM scheduler from any SD scheduler config, with its timesteps set."""
-    from diffusers import DDIMScheduler
-
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(num_inference_steps)
     return scheduler
