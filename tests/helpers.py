@@ -31,10 +31,13 @@ def changed_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 def stock_pipeline(base_dir: Path, ckpt: Path):
     """Load a checkpoint exactly as a diffusers user would, without any personalize code."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    if (Path(base_dir) / "tokenizer_2").is_dir():  # an SDXL base model
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
     if (ckpt / "text_encoder").is_dir():
         pipe.text_encoder = CLIPTextModel.from_pretrained(ckpt / "text_encoder")
     if (ckpt / "learned_embeds.safetensors").exists():
