@@ -27,13 +27,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from personalize.backbones import Backbone, Components, Conditioning, backbone_for
 from personalize.backbones.objectives import Draw, LossSettings, NoiseSettings
-from personalize.checkpoints import INFO_FILE
 from personalize.errors import PersonalizeError
-from personalize.io import atomic_dir, atomic_write_json
+from personalize.io import atomic_dir
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
 from personalize.resume import rng_state, set_rng_state
+from personalize.rundir import CheckpointInfo, write_info
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class Personalizer(L.LightningModule):
             contents = [t.save(tmp) for name, t in self.trainables.items() if name in trained or t.saved_untrained]
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
-            atomic_write_json(tmp / INFO_FILE, info)
+            write_info(tmp, CheckpointInfo.from_json(info, tmp))  # typed: a missing or ill-typed field fails here
         return ckpt_dir
 
     def total_steps(self) -> int:
