@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from personalize.checkpoints import read_info
 from personalize.methods.trainables import TRAINABLES
+from personalize.rundir import read_info
 from personalize.backbones import load_pipeline
 
 
@@ -30,6 +30,6 @@ def apply_checkpoint(pipe, ckpt_dir: Path):
 
 def load_checkpoint_pipeline(ckpt_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A stock pipeline of the checkpoint's base model with the checkpoint applied."""
-    model_cfg = OmegaConf.create(read_info(ckpt_dir)["model"])
+    model_cfg = OmegaConf.create(read_info(ckpt_dir).model)
     pipe = load_pipeline(model_cfg, dtype=dtype).to(device)
     return apply_checkpoint(pipe, ckpt_dir)

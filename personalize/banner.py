@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from personalize.checkpoints import list_checkpoints
+from personalize.rundir import CHECKPOINTS_DIR, EVAL_DIR, WANDB_DIR, list_checkpoints, metrics_path, samples_dir, step_of
 from personalize.devices import dtype_name
 
 
@@ -56,10 +56,10 @@ def end_lines(run_dir: Path, task_name: str = "train") -> list[str]:
     checkpoints = list_checkpoints(run_dir)
     lines = [f"run dir       {run_dir}"]
     if checkpoints:
-        steps = ", ".join(c.name.split("-")[1].lstrip("0") or "0" for c in checkpoints)
-        lines.append(f"checkpoints   {run_dir / 'checkpoints'} (steps {steps}; each loads in stock diffusers)")
-    for label, path in (("samples", run_dir / "samples"), ("evaluation", run_dir / "eval"),
-                        ("metrics", run_dir / "metrics.jsonl"), ("W&B run", run_dir / "wandb"),
+        steps = ", ".join(str(step_of(c)) for c in checkpoints)
+        lines.append(f"checkpoints   {run_dir / CHECKPOINTS_DIR} (steps {steps}; each loads in stock diffusers)")
+    for label, path in (("samples", samples_dir(run_dir)), ("evaluation", run_dir / EVAL_DIR),
+                        ("metrics", metrics_path(run_dir)), ("W&B run", run_dir / WANDB_DIR),
                         ("log", run_dir / f"{task_name}.log")):
         if path.exists():
             lines.append(f"{label:<13} {path}")

@@ -147,7 +147,7 @@ def continue_requeued_job(cfg: DictConfig) -> None:
     """
     import os
 
-    from personalize.checkpoints import CONFIG_FILE
+    from personalize.rundir import CONFIG_FILE
 
     if cfg.get("resume") not in (None, False) and str(cfg.resume).lower() not in ("false", "none", "null", ""):
         return
@@ -160,9 +160,10 @@ def continue_requeued_job(cfg: DictConfig) -> None:
 
 def _record_failure(cfg: DictConfig, details: str) -> None:
     from personalize.io import atomic_write_text
+    from personalize.rundir import FAILED_FILE
 
     try:
-        atomic_write_text(Path(str(cfg.paths.output_dir)) / "FAILED", details)
+        atomic_write_text(Path(str(cfg.paths.output_dir)) / FAILED_FILE, details)
     except Exception:  # noqa: BLE001 - the job's own error matters more than a failed note
         log.exception("could not write the FAILED note")
     log.error("job failed (the sweep goes on):\n%s", details)
@@ -256,14 +257,14 @@ def train_main(cfg: DictConfig):
 @checked_cli("sample")  # unknown group option / key: one line, exit 2
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def sample_main(cfg: DictConfig):
-    from personalize.checkpoints import resolve_checkpoint
+    from personalize.rundir import resolve_checkpoint, samples_dir
     from personalize.sample import sample_checkpoint
 
     def task(cfg):
         for i, template in enumerate(cfg.prompts):  # filled from checkpoint.json: a stray {x} is a KeyError there
             check_template(f"prompts[{i}]", template)
         ckpt = resolve_checkpoint(Path(cfg.run_dir), cfg.step)
-        out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "samples" / f"{ckpt.name}-cli"
+        out = Path(cfg.out_dir) if cfg.out_dir else samples_dir(Path(cfg.run_dir)) / f"{ckpt.name}-cli"
         paths = sample_checkpoint(ckpt, list(cfg.prompts), out, num_images=int(cfg.num_images), seed=int(cfg.seed),
                                   steps=int(cfg.steps), guidance_scale=float(cfg.guidance_scale), sampler=str(cfg.sampler),
                                   device=cfg.device)

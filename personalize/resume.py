@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,17 +29,15 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from omegaconf import OmegaConf
 
-from personalize.checkpoints import CONFIG_FILE, load_run_config
+from personalize.rundir import CONFIG_FILE, RESUME_DIR, list_step_dirs, load_run_config
 from personalize.errors import PersonalizeError
 from personalize.methods.trainables import structure as trainable_structure
 from personalize.io import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---------------------------------------------------------------- the checkpoint format
@@ -137,17 +134,9 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 
 
 # ---------------------------------------------------------------- resume states of a run
-def resume_state_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / RESUME_DIR / f"step-{step:06d}"
-
-
 def list_resume_states(run_dir: Path) -> list[Path]:
     """Complete resume states of a run, oldest first (a folder is complete once it has its state file)."""
-    root = Path(run_dir) / RESUME_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return list_step_dirs(Path(run_dir) / RESUME_DIR, STATE_FILE)
 
 
 def latest_resume_state(run_dir: Path) -> Path | None:

@@ -222,6 +222,10 @@ class CheckpointInfo:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **data}
 
+    def prompt_values(self) -> dict[str, str]:
+        """What a prompt template may name: {phrase}, {identifier}, {class_noun}."""
+        return {"phrase": self.phrase, "identifier": self.identifier, "class_noun": self.class_noun}
+
     @property
     def name(self) -> str:
         """The checkpoint folder's name (step-NNNNNN)."""

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from personalize.io import atomic_save_image
+from personalize.rundir import CheckpointInfo, read_info
 
 
-def format_prompt(template: str, info: dict) -> str:
+def format_prompt(template: str, info: CheckpointInfo) -> str:
     """Fill {phrase}/{identifier}/{class_noun} from a checkpoint's info (checkpoint.json)."""
-    phrase = info["phrase"]
-    return template.format(phrase=phrase, identifier=info["identifier"], class_noun=info["class_noun"])
+    return template.format(**info.prompt_values())
 
 
 @torch.no_grad()
@@ -52,7 +52,6 @@ def sample_checkpoint(ckpt_dir: Path, prompt_templates: list[str], out_dir: Path
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write `out_dir/pNN_iNN.png` for each prompt × image and a prompts.txt; return the image paths."""
     from personalize.artifacts import load_checkpoint_pipeline
-    from personalize.checkpoints import read_info
     from personalize.io import atomic_write_text
     from personalize.models import make_sampler
 

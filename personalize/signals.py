@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from personalize.io import atomic_write_json
+from personalize.rundir import INTERRUPTED_FILE  # the run was stopped by a signal and can be resumed
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-INTERRUPTED_FILE = "INTERRUPTED"  # in a run dir: the run was stopped by a signal and can be resumed
 
 
 def signal_name(signum: int) -> str:

@@ -16,7 +16,6 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from personalize.banner import end_lines, hardware_choice, start_lines
-from personalize.checkpoints import CONFIG_FILE
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_images, open_rgb, to_tensor
 from personalize.devices import device_of, resolve_hardware
@@ -27,6 +26,7 @@ from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
 from personalize.methods.recipe import overrides as method_overrides
 from personalize.methods.trainables import component_dtypes
+from personalize.rundir import CONFIG_FILE, list_checkpoints, samples_dir
 from personalize.backbones import backbone_for, load_components, load_pipeline
 from personalize.models import resolve_pretrained
 from personalize.resume import SafetensorsCheckpointIO
@@ -93,8 +93,6 @@ class Run:
         return device_of(self.accelerator)
 
     def checkpoints(self) -> list[Path]:
-        from personalize.checkpoints import list_checkpoints
-
         return list_checkpoints(self.run_dir)
 
 
@@ -280,13 +278,12 @@ def train(cfg: DictConfig) -> Run:
 
 def write_samples(cfg: DictConfig, run_dir: Path, device, dtype, logger) -> list[Path]:
     """Sample from the last checkpoint through the stock pipeline: proves the artifacts load and work."""
-    from personalize.checkpoints import list_checkpoints
     from personalize.sample import sample_checkpoint
 
     last = list_checkpoints(run_dir)[-1]
     s = cfg.samples
     paths = sample_checkpoint(
-        last, list(s.prompts), run_dir / "samples" / last.name, num_images=int(s.num_images), seed=int(s.seed),
+        last, list(s.prompts), samples_dir(run_dir) / last.name, num_images=int(s.num_images), seed=int(s.seed),
         steps=int(s.steps), guidance_scale=float(s.guidance_scale), sampler=str(s.sampler), device=str(device), dtype=dtype,
     )
     if logger:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from personalize.artifacts import load_checkpoint_pipeline
-from personalize.checkpoints import CONFIG_FILE, LORA_FILE, load_run_config
+from personalize.rundir import CONFIG_FILE, LORA_FILE, load_run_config
 from personalize.train import fit, prepare_run
 from tests.helpers import stock_pipeline
 

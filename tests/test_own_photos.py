@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from personalize.checkpoints import list_checkpoints, load_run_config, read_info
+from personalize.rundir import list_checkpoints, load_run_config, read_info
 from personalize.config import CONF_DIR, PROJECT_ROOT, compose, derive_init_word, derive_kind, folder_name
 from personalize.data import load_subject_images
 from personalize.errors import PersonalizeError
@@ -42,10 +42,10 @@ def test_own_photos_train_end_to_end(rex, make_cfg, tmp_path):
     # it trained on that folder's photos: the same pixels as the shipped sample dog's five
     assert torch.equal(run.module._images["instance"], load_subject_images(SAMPLE_DOG, int(cfg.model.resolution)))
     assert len(run.module._images["instance"]) == 5
-    steps = [read_info(c)["step"] for c in list_checkpoints(run.run_dir)]
+    steps = [read_info(c).step for c in list_checkpoints(run.run_dir)]
     assert steps[-1] == 4  # 2 token steps + 2 UNet steps
     info = read_info(list_checkpoints(run.run_dir)[-1])
-    assert (info["subject"], info["class_noun"], info["kind"], info["phrase"]) == ("Rex_the_dog", "dog", "live", "<rare> dog")
+    assert (info.subject, info.class_noun, info.kind, info.phrase) == ("Rex_the_dog", "dog", "live", "<rare> dog")
     saved = load_run_config(run.run_dir).subject  # config.yaml records the derived values, resolved
     assert OmegaConf.to_container(saved) == {"name": "Rex_the_dog", "class_noun": "dog", "kind": "live",
                                               "init_word": "dog", "data_dir": str(rex)}

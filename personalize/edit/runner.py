@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from personalize.devices import resolve_device, resolve_dtype
 from personalize.errors import PersonalizeError
+from personalize.rundir import CheckpointInfo, load_run_config, read_info, resolve_checkpoint
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -127,7 +128,7 @@ def default_out_dir(run_dir: Path) -> Path:
 def run_group(run_dir: Path) -> str:
     """The trained run's W&B group (from its config.yaml), so its edits sit beside it."""
     try:
-        return str(OmegaConf.load(Path(run_dir) / "config.yaml").get("group") or "edit")
+        return str(load_run_config(run_dir).get("group") or "edit")
     except Exception:  # no or unreadable config.yaml: a copied checkpoint
         return "edit"
 
@@ -159,16 +160,16 @@ def _with_output_dir(cfg: DictConfig, out_dir: Path) -> DictConfig:
     return cfg
 
 
-def _log_to_wandb(cfg: DictConfig, info: dict, out_dir: Path, record: dict) -> None:
+def _log_to_wandb(cfg: DictConfig, info: CheckpointInfo, out_dir: Path, record: dict) -> None:
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
     group = str(cfg.group) if cfg.get("group") else run_group(record["run_dir"])
-    model = info.get("model", {}).get("name", "model")
+    model = info.model.get("name", "model")
     run = wandb.init(
         project=cfg.logger.project, entity=cfg.logger.get("entity"), group=group,
-        tags=[str(info["method"]), str(info["subject"]), str(model), "edit", record["mode"], *cfg.get("tags", [])],
-        name=f"edit-{info['method']}-{info['subject']}", dir=str(out_dir), mode=str(cfg.logger.mode),
+        tags=[str(info.method), str(info.subject), str(model), "edit", record["mode"], *cfg.get("tags", [])],
+        name=f"edit-{info.method}-{info.subject}", dir=str(out_dir), mode=str(cfg.logger.mode),
         job_type="edit", config={**record["config"], "settings": record["settings"]},
     )
     captions = {"side_by_side": f"{record['source_prompt']} -> {record['target_prompt']}",
@@ -185,7 +186,6 @@ def _log_to_wandb(cfg: DictConfig, info: dict, out_dir: Path, record: dict) -> N
 def run_edit(cfg: DictConfig) -> Path:
     """The whole `personalize-edit` job; returns the folder the results went to."""
     from personalize.artifacts import load_checkpoint_pipeline
-    from personalize.checkpoints import read_info, resolve_checkpoint
     from personalize.edit.editor import build_controller, edit_image, save_attention_maps, save_side_by_side
     from personalize.edit.inversion import convert_prompt
     from personalize.io import atomic_save_image, atomic_write_json
@@ -201,9 +201,10 @@ def run_edit(cfg: DictConfig) -> Path:
         raise PersonalizeError(f"step={step} is not a step number: pass step=<N> or step=last")
     ckpt = resolve_checkpoint(Path(str(cfg.run_dir)), step)
     info = read_info(ckpt)
-    source_prompt = fill(cfg.source_prompt, info, "source_prompt")
-    target_prompt = fill(cfg.target_prompt, info, "target_prompt")
-    settings = settings_from_config(cfg.edit, info)
+    values = info.prompt_values()
+    source_prompt = fill(cfg.source_prompt, values, "source_prompt")
+    target_prompt = fill(cfg.target_prompt, values, "target_prompt")
+    settings = settings_from_config(cfg.edit, values)
     check_prompts(source_prompt, target_prompt, settings.mode)
     photo_path = Path(str(cfg.image)).expanduser() if cfg.get("image") else None
     photo = open_photo(photo_path) if photo_path is not None else None
@@ -211,7 +212,7 @@ def run_edit(cfg: DictConfig) -> Path:
     run_dir = run_root(Path(str(cfg.run_dir)), ckpt)
     out_dir = Path(str(cfg.out_dir)) if cfg.get("out_dir") else default_out_dir(run_dir)
 
-    log.info("loading %s (%s, step %s) on %s", ckpt, info["method"], info["step"], device)
+    log.info("loading %s (%s, step %s) on %s", ckpt, info.method, info.step, device)
     pipe = load_checkpoint_pipeline(ckpt, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     try:  # word/blend-word checks that need the tokenizer (the identifier is a token only now)
@@ -244,9 +245,9 @@ def run_edit(cfg: DictConfig) -> Path:
         z0 = encode_image(pipe, photo, result.source.height, result.source.width)
         vae_psnr = psnr(result.source, decode_latents(pipe, z0)[0])
     record = {
-        "run_dir": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "step": info["step"],
-        "method": info["method"], "subject": info["subject"], "phrase": info["phrase"],
-        "identifier": info["identifier"], "class_noun": info["class_noun"],
+        "run_dir": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "step": info.step,
+        "method": info.method, "subject": info.subject, "phrase": info.phrase,
+        "identifier": info.identifier, "class_noun": info.class_noun,
         "source_template": str(cfg.source_prompt), "target_template": str(cfg.target_prompt),
         "source_prompt": source_prompt, "target_prompt": target_prompt,
         "image": str(photo_path.resolve()) if photo_path is not None else None,

@@ -46,7 +46,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from personalize import instrument
-from personalize.checkpoints import load_run_config
+from personalize.rundir import CheckpointInfo, load_run_config
 from personalize.errors import PersonalizeError
 from personalize.io import read_jsonl
 from personalize.signals import raise_if_interrupted
@@ -318,14 +318,14 @@ class Pair:
     """One checkpoint x protocol to evaluate."""
 
     checkpoint: Path
-    info: dict
+    info: CheckpointInfo
     protocol: Any  # personalize.eval.protocols.Protocol
     spec: dict
     key: str
 
     @property
     def step(self) -> int:
-        return int(self.info["step"])
+        return self.info.step
 
 
 @dataclass
@@ -478,8 +478,8 @@ class Evaluator:
         atomic_save_image(grid, out / GRID_FILE)
         info = pair.info
         record = {
-            "step": pair.step, "stage": info.get("stage"), "stage_step": info.get("stage_step"),
-            "method": info.get("method"), "subject": info.get("subject"), "checkpoint": pair.checkpoint.name,
+            "step": pair.step, "stage": info.stage, "stage_step": info.stage_step,
+            "method": info.method, "subject": info.subject, "checkpoint": pair.checkpoint.name,
             "protocol": protocol.name, "references": references, "num_images": len(samples),
             **{name: _finite_or_none(value) for name, value in scores.items()},
             # how each number was computed (implementation, versions, features, resize): see metric_settings
@@ -514,7 +514,7 @@ def _prepare_image_dir(out: Path, pair: Pair, write_json) -> None:
 
 
 def _pairs(run_dir: Path, settings: EvalSettings) -> list[Pair]:
-    from personalize.checkpoints import list_checkpoints, read_info
+    from personalize.rundir import list_checkpoints, read_info
     from personalize.eval.protocols import build_protocol
 
     checkpoints = list_checkpoints(run_dir)
@@ -526,8 +526,8 @@ def _pairs(run_dir: Path, settings: EvalSettings) -> list[Pair]:
     for checkpoint in checkpoints:
         info = read_info(checkpoint)
         for name in settings.protocols:
-            protocol = build_protocol(name, info["identifier"], info["class_noun"], info.get("kind", "object"),
-                                      settings.per_prompt(name), settings.seed, info.get("phrase"))
+            protocol = build_protocol(name, info.identifier, info.class_noun, info.kind,
+                                      settings.per_prompt(name), settings.seed, info.phrase)
             spec = settings.spec(name, protocol.images_per_prompt)
             pairs.append(Pair(checkpoint, info, protocol, spec, spec_key(spec)))
     return pairs
@@ -549,7 +549,7 @@ def evaluate_run(run_dir: Path, eval_cfg: DictConfig | Mapping, run_cfg: DictCon
     run_dir = Path(run_dir)
     run_cfg = run_cfg if run_cfg is not None else load_run_config(run_dir)
     pairs = _pairs(run_dir, settings)
-    model_cfg = OmegaConf.create(pairs[0].info["model"])
+    model_cfg = OmegaConf.create(pairs[0].info.model)
 
     records = done_records(run_dir)
     results = [is_done(records, p.step, p.protocol.name, p.key, settings.metrics) for p in pairs]

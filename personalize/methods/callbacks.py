@@ -12,10 +12,10 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from personalize import signals
-from personalize.checkpoints import checkpoint_dir, list_checkpoints
+from personalize.rundir import checkpoint_dir, list_checkpoints, resume_state_dir, step_of
 from personalize.errors import PersonalizeError
 from personalize.methods.stages import checkpoint_steps, stage_at
-from personalize.resume import prune_resume_states, resume_state_dir
+from personalize.resume import prune_resume_states
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ArtifactCheckpoint(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(not finite, all=False):
             return
         stage = stage_at(module.stages, step - 1)
-        good = [c for c in list_checkpoints(self.run_dir) if int(c.name.split("-")[1]) < step]
+        good = [c for c in list_checkpoints(self.run_dir) if step_of(c) < step]
         last = f"{good[-1]} (resume={self.run_dir} continues from it)" if good else "none yet"
         raise PersonalizeError(
             f"{what}{' on another rank' if finite else ''} at step {step} (stage '{stage.name}'); "
