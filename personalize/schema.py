@@ -137,6 +137,9 @@ def check_run_settings(cfg: DictConfig, stages) -> None:
     """Settings whose problems would otherwise show up mid-run, and that involve more than one setting."""
     check_value("method.batch_size", cfg.method.batch_size)
     hw = cfg.hardware
+    from personalize.methods.optim import check_optimizers  # imports torch: only when a run is prepared
+
+    check_optimizers(stages, hw)  # a stage's optimizer (or hardware.optimizer's) needs a package not installed
     devices = hw.get("devices", 1)
     # -1 / "auto" / a list of ids may all mean several processes
     multi_process = (len(devices) > 1 if OmegaConf.is_list(devices) or isinstance(devices, list) else str(devices) != "1") \
@@ -425,6 +428,18 @@ def _trainables() -> tuple[str, ...]:
     return tuple(TRAINABLES)
 
 
+def _optimizers() -> tuple[str, ...]:
+    from personalize.methods.optim import OPTIMIZERS  # imports torch: only when a stage is checked
+
+    return tuple(OPTIMIZERS)
+
+
+def _lr_schedulers() -> tuple[str, ...]:
+    from personalize.methods.optim import LR_SCHEDULERS
+
+    return LR_SCHEDULERS
+
+
 def _precisions() -> list[str]:
     """What Lightning's Trainer accepts as `precision`, and our `auto`."""
     from typing import get_args
@@ -499,6 +514,9 @@ RULES: dict[str, Rule] = {
     "method.optimizer.weight_decay": Number(float, 0, means="AdamW's decoupled weight decay"),
     "method.optimizer.eps": Number(float, 0, low_open=True, means="AdamW's epsilon"),
     "method.optimizer.max_grad_norm": Number(float, 0, null="no clipping", means="gradient clipping; 0 = none"),
+    "method.optimizer.prodigy_use_bias_correction": Flag(),
+    "method.optimizer.prodigy_safeguard_warmup": Flag(),
+    "method.scale_lr": Flag(),
     "method.noise.offset": Number(float, 0, means="the offset noise's scale; 0 = none"),
     "method.noise.input_perturbation": Number(float, 0, means="the input perturbation's scale; 0 = none"),
     "method.noise.min_timestep": Number(int, 0, means="the lowest training timestep"),
@@ -518,6 +536,11 @@ RULES: dict[str, Rule] = {
     "method.stages.*.checkpoint_every": Number(int, 0, null="at the stage's end",
                                                means="steps between checkpoints; 0 = none in this stage"),
     "method.stages.*.lr_warmup_steps": Number(int, 0, null="none", means="linear warmup steps"),
+    "method.stages.*.optimizer": Choice(_optimizers, means="the stage's optimizer"),
+    "method.stages.*.lr_scheduler": Choice(_lr_schedulers, means="diffusers' get_scheduler names"),
+    "method.stages.*.lr_num_cycles": Number(int, 1, means="hard restarts of cosine_with_restarts"),
+    "method.stages.*.lr_power": Number(float, 0, low_open=True, means="the power of polynomial decay"),
+    "method.stages.*.trainable_lr": Free(),  # {trainable: lr}: names and lrs checked in methods/stages.py
 
     "model.name": Text(),
     "model.backbone": Choice(_backbones, means="the model family"),

@@ -29,6 +29,7 @@ from personalize.backbones import Backbone, Components, Conditioning, backbone_f
 from personalize.backbones.objectives import Draw, LossSettings, NoiseSettings
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir
+from personalize.methods.optim import LrSchedule, build_optimizer, non_default_settings
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
@@ -101,6 +102,8 @@ class StepLoader(DataLoader):
 
 
 class Personalizer(L.LightningModule):
+    _lr_schedules: tuple[LrSchedule, ...] = ()  # one per stage, built with its optimizer (configure_optimizers)
+
     def __init__(self, components: Components, method_cfg, prompts: dict, instance_images: torch.Tensor,
                  class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None,
                  seed: int | None = None, backbone: Backbone | None = None):
@@ -231,7 +234,8 @@ class Personalizer(L.LightningModule):
         return StepLoader(dataset, sampler, steps_done=lambda: self.global_step)
 
     def configure_optimizers(self):
-        return [self._make_optimizer(stage) for stage in self.stages]
+        optimizers, self._lr_schedules = zip(*(self._make_optimizer(stage) for stage in self.stages))
+        return list(optimizers)
 
     def _trainable_params(self, stage: Stage) -> list[torch.nn.Parameter]:
         params: dict[int, torch.nn.Parameter] = {}  # by id: the text encoder's parameters include a new token's row
@@ -239,26 +243,11 @@ class Personalizer(L.LightningModule):
             params.update((id(p), p) for p in self.trainables[name].parameters())
         return list(params.values())
 
-    def _make_optimizer(self, stage: Stage):
-        opt = self.method_cfg.optimizer
-        params = self._trainable_params(stage)
-        kwargs = dict(lr=stage.lr, betas=tuple(opt.betas), weight_decay=float(opt.weight_decay), eps=float(opt.eps))
-        if self.hardware_cfg.get("optimizer") == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(params, **kwargs)
-            except ImportError:
-                log.warning("hardware.optimizer=adamw8bit but bitsandbytes is not installed: using torch AdamW")
-        # One kernel for all tensors instead of a loop over them: the UNet has ~700 parameter tensors, and
-        # the per-tensor loop alone was 7% of a CPU training step (make bench, finetune). Fused AdamW
-        # unscales gradients itself, which Lightning's mixed-precision plugins refuse to combine with
-        # gradient clipping; there the multi-tensor `foreach` kernel (CUDA's default) does the job.
+    def _make_optimizer(self, stage: Stage) -> tuple[torch.optim.Optimizer, LrSchedule]:
+        """The stage's optimizer (a parameter group per trainable) and its lr schedule: methods/optim.py."""
         mixed = "mixed" in str(self.trainer.precision) if self._trainer is not None else False
-        try:
-            return torch.optim.AdamW(params, **({"foreach": True} if mixed else {"fused": True}), **kwargs)
-        except (RuntimeError, ValueError):  # a device/dtype without that kernel
-            return torch.optim.AdamW(params, **kwargs)
+        return build_optimizer(stage, self.trainables, self.method_cfg, self.hardware_cfg,
+                               world_size=self._ranks()[0], mixed_precision=mixed)
 
     # ---------------------------------------------------------------- stages
     def _enter_stage(self, stage: Stage) -> None:
@@ -373,11 +362,9 @@ class Personalizer(L.LightningModule):
         return bool(torch.isfinite(pred).all())
 
     def _set_lr(self, optimizer, stage: Stage) -> None:
-        """Constant lr after a linear warm-up, per stage."""
-        stage_step = self.global_step - stage.start
-        factor = min(1.0, (stage_step + 1) / stage.lr_warmup_steps) if stage.lr_warmup_steps else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = stage.lr * factor
+        """The lr of this step: diffusers' schedule of the stage at its step (a pure function of the global
+        step, so a resumed run repeats the uninterrupted run's lrs)."""
+        self._lr_schedules[self.stages.index(stage)].apply(optimizer, self.global_step - stage.start)
 
     # ---------------------------------------------------------------- resume states
     def stages_begun(self, step: int) -> list[Stage]:
@@ -418,6 +405,9 @@ class Personalizer(L.LightningModule):
             contents = [t.save(tmp) for name, t in self.trainables.items() if name in trained or t.saved_untrained]
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
+            optimisation = non_default_settings(self.stages, self.method_cfg, self.hardware_cfg, self._ranks()[0])
+            if optimisation:  # named only where a setting is not the default
+                info["optimisation"] = optimisation
             write_info(tmp, CheckpointInfo.from_json(info, tmp))  # typed: a missing or ill-typed field fails here
         return ckpt_dir
 

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 from personalize.errors import PersonalizeError
+from personalize.methods.optim import check_schedule
 from personalize.methods.trainables import TRAINABLES  # what a stage can train, by name
-from personalize.schema import check_value
+from personalize.schema import check_value, rule_for
+
+# the settings of a stage's optimisation that have a row of their own in the schema (trainable_lr: see below)
+SCHEDULE_FIELDS = ("optimizer", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,18 @@ class Stage:
     start: int  # global step at which the stage begins
     prior_loss_weight: float = 0.0  # lambda of DreamBooth's prior-preservation term; 0 = no class images
     checkpoint_every: int | None = None  # None: only at the stage's end; 0: none in this stage
+    # how it optimises (personalize/methods/optim.py): the optimizer, diffusers' lr schedule over the
+    # stage's steps, and a base lr per trainable where it is not `lr` ({trainable: lr}, as pairs)
+    optimizer: str = "adamw"
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    trainable_lr: tuple[tuple[str, float], ...] = ()
+
+    def lr_for(self, trainable: str) -> float:
+        """The base lr of one trainable's parameters (before schedule and scale_lr)."""
+        return dict(self.trainable_lr).get(trainable, self.lr)
 
     @property
     def end(self) -> int:
@@ -46,7 +61,7 @@ def parse_stages(stages_cfg) -> list[Stage]:
         raise PersonalizeError("method.stages is empty: a method needs at least one stage")
     stages, start = [], 0
     for name, cfg in stages_cfg.items():
-        for field in ("steps", "lr", "prior_loss_weight", "checkpoint_every", "lr_warmup_steps"):
+        for field in ("steps", "lr", "prior_loss_weight", "checkpoint_every", *SCHEDULE_FIELDS):
             if field in cfg or field in ("steps", "lr"):  # the ranges are the schema's (personalize/schema.py)
                 check_value(f"method.stages.{name}.{field}", cfg.get(field))
         train = tuple(cfg.train) if OmegaConf.is_list(cfg.get("train")) or isinstance(cfg.get("train"), list) else ()
@@ -63,13 +78,36 @@ def parse_stages(stages_cfg) -> list[Stage]:
                 f"method.stages.{name}.checkpoint_every={every} but the stage has {cfg.steps} steps: "
                 "use a value between 1 and the stage's steps (null = at the stage's end, 0 = never)"
             )
-        stages.append(Stage(
+        stage = Stage(
             name=str(name), train=train, steps=int(cfg.steps), lr=float(cfg.lr), start=start,
             prior_loss_weight=weight, checkpoint_every=None if every is None else int(every),
-            lr_warmup_steps=int(cfg.get("lr_warmup_steps", 0) or 0),
-        ))
+            optimizer=str(cfg.get("optimizer") or "adamw"), lr_scheduler=str(cfg.get("lr_scheduler") or "constant"),
+            lr_warmup_steps=int(cfg.get("lr_warmup_steps", 0) or 0), lr_num_cycles=int(cfg.get("lr_num_cycles", 1)),
+            lr_power=float(cfg.get("lr_power", 1.0)), trainable_lr=_trainable_lrs(str(name), cfg.get("trainable_lr"), train),
+        )
+        check_schedule(stage)
+        stages.append(stage)
         start += int(cfg.steps)
     return stages
+
+
+def _trainable_lrs(stage: str, value, train: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """`trainable_lr: {trainable: lr}` of a stage, checked: names it trains, lrs the stage's `lr` could be."""
+    key = f"method.stages.{stage}.trainable_lr"
+    if value is None:
+        return ()
+    if not (OmegaConf.is_dict(value) or isinstance(value, dict)):
+        raise PersonalizeError(f"{key}={value} is not a mapping: use {{trainable: lr}}, e.g. {key}={{{train[0]}: 1.0e-4}}")
+    pairs = []
+    for trainable, lr in value.items():
+        if str(trainable) not in train:
+            raise PersonalizeError(f"{key}.{trainable}={lr}: the stage trains {', '.join(train)}, not {trainable}: "
+                                   f"give lrs to those, e.g. {key}.{train[0]}={lr}")
+        message = rule_for("method.stages.*.lr").message(f"{key}.{trainable}", lr)  # the range of a stage's lr
+        if message:
+            raise PersonalizeError(message)
+        pairs.append((str(trainable), float(lr)))
+    return tuple(pairs)
 
 
 def checkpoint_steps(stages: list[Stage]) -> list[int]:
