@@ -1,8 +1,20 @@
 """Subjects and their photos: find, validate, normalise and crop them for training.
 
 Photos come as users have them: EXIF-rotated, grayscale, RGBA, palette, CMYK or 16-bit, some too small,
-some not images at all. All are turned into RGB squares here, once, so the rest of the code sees one
-format; what cannot be used is skipped with a warning or is a one-line error naming the file.
+some not images at all. All are turned into RGB here, once, so the rest of the code sees one format;
+what cannot be used is skipped with a warning or is a one-line error naming the file.
+
+How a photo becomes a training image (`method.data`, `DataSettings`):
+- `crop: center` (the default): the centre square, resized to the resolution (DreamBooth's preprocessing),
+  done once; the module VAE-encodes these once and samples every step from the cached latents.
+- `crop: random`: as diffusers' train_dreambooth `--random_crop` does it: the shorter side resized to the
+  resolution, then a resolution x resolution window at a random offset along the longer side, drawn anew
+  for each example of each step (`crop_square`). The module keeps the resized photos and VAE-encodes each
+  step's crops (a VAE encode per step: the price of a fresh crop; square photos have only one crop).
+- `interpolation`: the resize filter, one of PIL's (`INTERPOLATIONS`); bicubic by default.
+
+A caption is a `.txt` beside a photo with the photo's name (dog/00.jpg -> dog/00.txt): that photo's
+training prompt, a template that may name {identifier}, {class_noun} and {phrase} (`read_caption`).
 """
 
 from __future__ import annotations
@@ -18,11 +30,39 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.config import derive_init_word
 from personalize.errors import PersonalizeError
+from personalize.schema import PROMPT_FIELDS, Template
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+CAPTION_SUFFIX = ".txt"
 KINDS = ("live", "object")
+CROPS = ("center", "random")  # method.data.crop
+# method.data.interpolation: the resize filter, by PIL's names
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """`method.data`: how photos become training images (see the module docstring)."""
+
+    crop: str = "center"
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_cfg(cls, method_cfg) -> "DataSettings":
+        data = (method_cfg.get("data") if method_cfg is not None else None) or {}
+        return cls(crop=str(data.get("crop", cls.crop)), interpolation=str(data.get("interpolation", cls.interpolation)))
+
+    def non_default(self) -> dict:
+        """The settings that differ from the defaults (what checkpoint.json names)."""
+        default = DataSettings()
+        return {k: v for k, v in vars(self).items() if v != getattr(default, k)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +122,8 @@ def list_images(folder: Path) -> list[Path]:
         )
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    for other in sorted(set(files) - set(images)):
+    captions = {caption_path(p) for p in images}  # read by load_subject_photos, not skipped
+    for other in sorted(set(files) - set(images) - captions):
         log.warning("skipping '%s': not an image file (supported: %s)", other, ", ".join(sorted(IMAGE_SUFFIXES)))
     if not images:
         skipped = f" ({len(files)} other files skipped)" if files else ""
@@ -124,15 +165,48 @@ def open_rgb(path: Path, min_side: int | None = None) -> Image.Image:
         ) from error
 
 
-def center_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side to `resolution` and crop the centre square (the DreamBooth preprocessing)."""
+def _resize(img: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """PIL's resize with the named filter; a photo 4x or more the target size is first box-reduced by
+    PIL (reducing_gap=3: the same result to the eye, much faster on a 12-megapixel photo)."""
+    reducing_gap = None if min(img.size) < 4 * min(size) else 3.0
+    return img.resize(size, INTERPOLATIONS[interpolation], reducing_gap=reducing_gap)
+
+
+def center_crop_resize(img: Image.Image, resolution: int, interpolation: str = "bicubic") -> Image.Image:
+    """Crop the centre square and resize it to `resolution` (the DreamBooth preprocessing)."""
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     img = img.crop((left, top, left + side, top + side))
     if side != resolution:
-        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None if side < 4 * resolution else 3.0)
+        img = _resize(img, (resolution, resolution), interpolation)
     return img
+
+
+def resize_short_side(img: Image.Image, resolution: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize so the shorter side is `resolution`, keeping the aspect ratio (the longer side rounded down,
+    as torchvision's Resize(int) computes it, which diffusers' train_dreambooth applies before its crop)."""
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)
+    size = (new_long, resolution) if width >= height else (resolution, new_long)
+    return img if size == img.size else _resize(img, size, interpolation)
+
+
+def crop_offsets(pixels: torch.Tensor, resolution: int) -> int:
+    """How many crop offsets a resized photo [3, H, W] has along its longer side (1 for a square)."""
+    return max(pixels.shape[-2:]) - resolution + 1
+
+
+def crop_square(pixels: torch.Tensor, offset: int, resolution: int) -> torch.Tensor:
+    """The resolution x resolution window of a resized photo [3, H, W] (shorter side = resolution) that
+    starts `offset` pixels along its longer side (left for a landscape photo, top for a portrait one)."""
+    height, width = pixels.shape[-2:]
+    if not 0 <= offset < crop_offsets(pixels, resolution) or min(height, width) != resolution:
+        raise ValueError(f"no crop at offset {offset} of a {width}x{height} photo at resolution {resolution}")
+    if width >= height:
+        return pixels[..., :, offset:offset + resolution]
+    return pixels[..., offset:offset + resolution, :]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -141,15 +215,78 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return array.float().div(127.5).sub(1.0)
 
 
-def load_subject_images(folder: Path, resolution: int) -> torch.Tensor:
-    """All photos of a subject as a [N, 3, R, R] tensor in [-1, 1]."""
-    tensors = []
-    for path in list_images(folder):
+def caption_path(image: Path) -> Path:
+    """Where a photo's caption is: dog/00.jpg -> dog/00.txt."""
+    return Path(image).with_suffix(CAPTION_SUFFIX)
+
+
+CAPTION = Template(PROMPT_FIELDS)  # a caption is checked as the method's prompt templates are
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption template of a photo (surrounding whitespace stripped), or None where it has none; one
+    line naming the file when it cannot be a prompt."""
+    path = caption_path(image)
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PersonalizeError(f"cannot read caption '{path}' ({error}): save it as UTF-8 text, or delete it to "
+                               "train that photo on the method's prompt") from error
+    if not text:
+        raise PersonalizeError(f"caption '{path}' is empty: write the photo's prompt in it, or delete it to train "
+                               "that photo on the method's prompt")
+    problem = CAPTION.problem(text)
+    if problem:
+        raise PersonalizeError(f"caption '{path}' ({text!r}) {problem}: use {CAPTION.accepts()} "
+                               "(write {{ or }} for a literal brace)")
+    return text
+
+
+@dataclass(frozen=True)
+class SubjectPhotos:
+    """A subject's photos, ready for training (see the module docstring)."""
+
+    paths: list[Path]
+    images: torch.Tensor  # [N, 3, R, R] in [-1, 1]: the centre crops
+    captions: list[str | None]  # each photo's caption template; None: it has none
+    uncropped: list[torch.Tensor] | None = None  # crop=random: each photo [3, H, W], shorter side = R
+
+    def captions_by_name(self, identifier: str, class_noun: str, phrase: str) -> dict[str, str | None]:
+        """{photo file name: its caption with {identifier}, {class_noun}, {phrase} filled, or None}, in photo
+        order. A caption that does not name the identifier teaches the subject nothing: said once, here."""
+        filled = {}
+        for path, caption in zip(self.paths, self.captions):
+            text = None if caption is None else caption.format(identifier=identifier, class_noun=class_noun, phrase=phrase)
+            if text is not None and identifier not in text:
+                log.warning("caption '%s' (%r) does not name the subject: write {phrase} or {identifier} in it, "
+                            "else that photo trains the model on the caption alone", caption_path(path), text)
+            filled[path.name] = text
+        return filled
+
+
+def load_subject_photos(folder: Path, resolution: int, settings: DataSettings = DataSettings()) -> SubjectPhotos:
+    """All photos of a subject, their captions, and (crop=random) the photos resized for random crops."""
+    paths = list_images(folder)
+    if settings.crop not in CROPS or settings.interpolation not in INTERPOLATIONS:  # config checks catch it first
+        raise PersonalizeError(f"method.data={vars(settings)}: use crop one of {', '.join(CROPS)} and "
+                               f"interpolation one of {', '.join(INTERPOLATIONS)}")
+    images, uncropped = [], []
+    for path in paths:
         img = open_rgb(path, min_side=resolution)
         if min(img.size) < resolution:
             log.warning(
                 "'%s' is %dx%d, smaller than the training resolution %d: it will be upscaled and look soft",
                 path, *img.size, resolution,
             )
-        tensors.append(to_tensor(center_crop_resize(img, resolution)))
-    return torch.stack(tensors)
+        images.append(to_tensor(center_crop_resize(img, resolution, settings.interpolation)))
+        if settings.crop == "random":
+            uncropped.append(to_tensor(resize_short_side(img, resolution, settings.interpolation)))
+    captions = [read_caption(p) for p in paths]
+    return SubjectPhotos(paths, torch.stack(images), captions, uncropped if settings.crop == "random" else None)
+
+
+def load_subject_images(folder: Path, resolution: int) -> torch.Tensor:
+    """All photos of a subject as a [N, 3, R, R] tensor in [-1, 1] (centre crops, bicubic)."""
+    return load_subject_photos(folder, resolution).images

@@ -22,7 +22,7 @@ from torch import nn
 
 from personalize.rundir import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, load_run_config
 from personalize.errors import PersonalizeError
-from personalize.methods.token import NewTokenEmbedding, add_placeholder_token
+from personalize.methods.token import NewTokenEmbedding, add_placeholder_token, expand_placeholder, token_names
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class Trainable:
 
     def enable_gradient_checkpointing(self) -> None:
         pass
+
+    def prompt_for_encoder(self, prompt: str) -> str:
+        """How a training prompt must read for the text encoder while this is attached (a multi-vector
+        token spells out its tokens); the stock pipeline rewrites its prompts the same way."""
+        return prompt
 
     def save(self, folder: Path) -> str:
         """Write the trained state in diffusers' format into `folder`; the file or folder name written."""
@@ -115,7 +120,13 @@ class TextEncoder(Trainable):
 
 @register
 class Token(Trainable):
-    """A new placeholder token's embedding row (its own fp32 parameter; every other row stays bit-identical)."""
+    """A new placeholder token's embedding rows (their own fp32 parameter; every other row stays bit-identical).
+
+    `method.new_token.num_vectors: n` (default 1) makes it n tokens, `<id>`, `<id>_1` ... `<id>_{n-1}`
+    (stock diffusers' names for the rows of an [n, dim] embedding), each initialised from the initializer
+    word and all trained; prompts name `<id>` alone and reach the text encoder spelled out as the n tokens.
+    Saved as `{<id>: tensor[dim]}` for one vector and `{<id>: tensor[n, dim]}` for several, which stock
+    `load_textual_inversion` loads as the same n tokens."""
 
     name = "token"
     encodes_prompt = True
@@ -123,9 +134,15 @@ class Token(Trainable):
 
     def __init__(self, components, method_cfg, identifier):
         super().__init__(components, method_cfg, identifier)
+        self.num_vectors = self.vectors(method_cfg)
         self.embedding = add_placeholder_token(components.tokenizer, components.text_encoder, identifier,
-                                               str(method_cfg.new_token.initializer))
+                                               str(method_cfg.new_token.initializer), self.num_vectors)
         self.embedding.base.requires_grad_(False)
+
+    @staticmethod
+    def vectors(method_cfg) -> int:
+        """method.new_token.num_vectors (1 where the method sets no new token or no count)."""
+        return int((method_cfg.get("new_token") or {}).get("num_vectors", 1) or 1)
 
     @classmethod
     def attached(cls, method_cfg, trained):
@@ -140,14 +157,18 @@ class Token(Trainable):
     def owns(cls, param_name):
         return param_name.endswith("new_rows")
 
+    def prompt_for_encoder(self, prompt):
+        return expand_placeholder(prompt, self.identifier, self.num_vectors)
+
     def enable_gradient_checkpointing(self):
         self.components.text_encoder.gradient_checkpointing_enable()
 
     def save(self, folder):
         from safetensors.torch import save_file
 
-        vector = self.embedding.new_rows[0].detach().float().cpu().contiguous()
-        save_file({self.identifier: vector}, folder / EMBEDS_FILE)
+        rows = self.embedding.new_rows.detach().float().cpu()
+        saved = rows[0] if self.num_vectors == 1 else rows  # one vector: [dim], as textual inversion has always saved it
+        save_file({self.identifier: saved.contiguous()}, folder / EMBEDS_FILE)
         return EMBEDS_FILE
 
     @classmethod
@@ -160,11 +181,13 @@ class Token(Trainable):
         vocab = pipe.tokenizer.get_vocab()
         if not any(token in vocab for token in embeds):
             pipe.load_textual_inversion(str(ckpt_dir), weight_name=EMBEDS_FILE)  # the stock path
-        else:  # a later checkpoint of the same run: the token exists, so only its row changes
+        else:  # a later checkpoint of the same run: the tokens exist, so only their rows change
             table = pipe.text_encoder.get_input_embeddings().weight
             with torch.no_grad():
-                for token, vector in embeds.items():
-                    table[vocab[token]] = vector.to(table.dtype)
+                for token, vectors in embeds.items():
+                    rows = vectors.reshape(-1, vectors.shape[-1])
+                    for name, row in zip(token_names(token, len(rows)), rows):
+                        table[vocab[name]] = row.to(table.dtype)
 
 
 @register
