@@ -440,6 +440,24 @@ def _lr_schedulers() -> tuple[str, ...]:
     return LR_SCHEDULERS
 
 
+def _prompt_templates() -> tuple[str, ...]:
+    from personalize.prompts import PROMPT_TEMPLATES
+
+    return tuple(PROMPT_TEMPLATES)
+
+
+def _crops() -> tuple[str, ...]:
+    from personalize.data import CROPS  # data.py imports this module: import it when a value is checked
+
+    return CROPS
+
+
+def _interpolations() -> tuple[str, ...]:
+    from personalize.data import INTERPOLATIONS
+
+    return tuple(INTERPOLATIONS)
+
+
 def _precisions() -> list[str]:
     """What Lightning's Trainer accepts as `precision`, and our `auto`."""
     from typing import get_args
@@ -503,12 +521,17 @@ RULES: dict[str, Rule] = {
     "method.name": Text(),
     "method.identifier": Text(means="the word that names the subject"),
     "method.new_token.initializer": Text(means="the word whose embedding starts the new token"),
+    "method.new_token.num_vectors": Number(int, 1, means="embedding vectors of the new token"),
     "method.phrase": Template(("identifier", "class_noun"), means="how prompts name the subject"),
     "method.instance_prompt": Template(PROMPT_FIELDS, means="the training prompt"),
     "method.class_prompt": Template(PROMPT_FIELDS, null="no prior loss"),
+    "method.prompt_templates": Choice(_prompt_templates, null="every example trains on method.instance_prompt",
+                                      means="the textual-inversion paper's training templates"),
     "method.batch_size": Number(int, 1, means="photos per step and process"),
     "method.flip": Flag(),
     "method.data_seed": SEED,
+    "method.data.crop": Choice(_crops, means="how a training image is cut from a photo"),
+    "method.data.interpolation": Choice(_interpolations, means="PIL's resize filter"),
     "method.optimizer.betas": Items(length=2, means="AdamW's beta1 and beta2"),
     "method.optimizer.betas.*": Number(float, 0, 1, high_open=True, means="an AdamW beta"),
     "method.optimizer.weight_decay": Number(float, 0, means="AdamW's decoupled weight decay"),

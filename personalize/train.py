@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.class_images import ClassImageSpec, ensure_class_images
-from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_images, open_rgb, to_tensor
+from personalize.data import DataSettings, Subject, center_crop_resize, check_init_word, load_subject_photos, open_rgb, to_tensor
 from personalize.devices import device_of, resolve_hardware
 from personalize.io import atomic_write_text
 from personalize import signals
@@ -112,8 +112,10 @@ def prepare_run(cfg: DictConfig) -> Run:
     stages = parse_stages(cfg.method.stages)
     accelerator, precision, frozen_dtype = resolve_hardware(cfg.hardware)
     check_run_settings(cfg, stages)
-    images = load_subject_images(subject.data_dir, int(cfg.model.resolution))
+    photos = load_subject_photos(subject.data_dir, int(cfg.model.resolution), DataSettings.from_cfg(cfg.method))
+    images = photos.images
     prompts = prompts_for(cfg.method, subject)
+    prompts["captions"] = photos.captions_by_name(prompts["identifier"], subject.class_noun, prompts["phrase"])
     check_model(cfg)
     check_prompts(cfg, prompts)
     check_evaluation(cfg)
@@ -147,6 +149,7 @@ def prepare_run(cfg: DictConfig) -> Run:
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info,
                 overrides=method_overrides(cfg.method))
     module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed),
+                          uncropped_images=photos.uncropped,
                           backbone=backbone_for(cfg.model))
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
 
@@ -181,7 +184,8 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
             raise model_not_available(source, cfg.model)
         if str(cfg.method.new_token.initializer) == str(cfg.subject.init_word):  # textual inversion's ${subject.init_word}
             check_init_word(Subject.from_cfg(cfg.subject), tokenizer)  # the fix is subject.init_word=, said so
-        check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer))
+        check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer),
+                        int(cfg.method.new_token.get("num_vectors", 1) or 1))
 
 
 def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: Sequence[L.Callback] = (),

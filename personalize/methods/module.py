@@ -27,12 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from personalize.backbones import Backbone, Components, Conditioning, backbone_for
 from personalize.backbones.objectives import Draw, LossSettings, NoiseSettings
+from personalize import instrument
+from personalize.data import DataSettings, crop_offsets, crop_square
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir
 from personalize.methods.optim import LrSchedule, build_optimizer, non_default_settings
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
+from personalize.prompts import PROMPT_TEMPLATES, ExamplePrompts
 from personalize.resume import rng_state, set_rng_state
 from personalize.rundir import CheckpointInfo, write_info
 
@@ -40,20 +43,26 @@ log = logging.getLogger(__name__)
 
 
 class StepIndices(Dataset):
-    """Item i = (instance image index, class image index): the data of one example of one step.
+    """Item i = (instance image index, class image index, training prompt): one example of one step.
 
     The photos themselves are cached latents inside the module; the loader only decides which ones a
-    step sees, in the order StepSampler gives (seeded, split over ranks, resumable).
+    step sees, in the order StepSampler gives (seeded, split over ranks, resumable), and with which
+    prompt (`ExamplePrompts`: the photo's caption, a template drawn for position i, or the instance
+    prompt), so the prompt of an example is a pure function of its position, like its photo.
     """
 
-    def __init__(self, length: int, num_instance: int, num_class: int):
+    def __init__(self, length: int, num_instance: int, num_class: int, prompts: ExamplePrompts | None = None,
+                 num_photos: int | None = None):
         self.length, self.num_instance, self.num_class = length, num_instance, max(num_class, 1)
+        self.prompts = prompts or ExamplePrompts(instance="")
+        self.num_photos = num_photos or num_instance  # instance index % num_photos: the photo (flips included)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int):
-        return i % self.num_instance, i % self.num_class
+        instance = i % self.num_instance
+        return instance, i % self.num_class, self.prompts.for_example(instance % self.num_photos, i)
 
 
 class StepSampler(Sampler[int]):
@@ -106,7 +115,11 @@ class Personalizer(L.LightningModule):
 
     def __init__(self, components: Components, method_cfg, prompts: dict, instance_images: torch.Tensor,
                  class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None,
-                 seed: int | None = None, backbone: Backbone | None = None):
+                 seed: int | None = None, backbone: Backbone | None = None,
+                 uncropped_images: list[torch.Tensor] | None = None):
+        """`prompts`: identifier, phrase, instance, class, and `captions` ({photo name: filled caption or None},
+        in photo order); `uncropped_images`: with method.data.crop=random, each photo resized so its shorter
+        side is the resolution (each step VAE-encodes random crops of them)."""
         super().__init__()
         self.automatic_optimization = False
         # resume states hold only what trained (see on_save_checkpoint); the frozen rest comes from the base model
@@ -128,6 +141,13 @@ class Personalizer(L.LightningModule):
         self.instance_prompt = prompts["instance"]
         self.class_prompt = prompts.get("class")
         self.identifier = prompts["identifier"]
+        self.captions: dict[str, str | None] = dict(prompts.get("captions") or {})
+        templates = method_cfg.get("prompt_templates")
+        self.example_prompts = ExamplePrompts(
+            instance=self.instance_prompt, phrase=prompts.get("phrase", self.identifier),
+            captions=tuple(self.captions.values()), templates=tuple(PROMPT_TEMPLATES[templates]) if templates else (),
+            seed=int(method_cfg.get("data_seed", 0)),
+        )
         self.checkpoint_info = checkpoint_info or {}
         self.seed = int(seed if seed is not None else self.checkpoint_info.get("seed", 0))
         self._generator: torch.Generator | None = None
@@ -135,7 +155,9 @@ class Personalizer(L.LightningModule):
         self.batch_size = int(method_cfg.batch_size)
         self._images = {"instance": instance_images, "class": class_images}
         self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._prompt_embeds: dict[str, Conditioning] = {}
+        self._prompt_embeds: dict[str, Conditioning] = {}  # by prompt text, within a stage that encodes none with gradients
+        self._cache_prompts = False  # whether the current stage encodes each distinct prompt once (_conditioning)
+        self._uncropped = uncropped_images
         self._current_stage: Stage | None = None
 
         if any(s.prior_loss_weight > 0 for s in self.stages) and class_images is None:
@@ -229,7 +251,8 @@ class Personalizer(L.LightningModule):
         flip = 2 if self.method_cfg.get("flip", False) else 1
         num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
         world, rank = self._ranks()
-        dataset = StepIndices(total_steps * self.batch_size * world, len(self._images["instance"]) * flip, num_class)
+        dataset = StepIndices(total_steps * self.batch_size * world, len(self._images["instance"]) * flip, num_class,
+                              self.example_prompts, num_photos=len(self._images["instance"]))
         sampler = StepSampler(total_steps, self.batch_size, int(self.method_cfg.get("data_seed", 0)), rank, world)
         return StepLoader(dataset, sampler, steps_done=lambda: self.global_step)
 
@@ -258,36 +281,86 @@ class Personalizer(L.LightningModule):
         for param in self._trainable_params(stage):
             param.requires_grad_(True)
         self._current_stage = stage
-        self._prompt_embeds.clear()
-        if not encodes_prompt(stage.train):
-            with torch.no_grad():
-                self._prompt_embeds["instance"] = self._encode_prompt(self.instance_prompt)
-                if self.class_prompt is not None and stage.prior_loss_weight > 0:
-                    self._prompt_embeds["class"] = self._encode_prompt(self.class_prompt)
+        self._prompt_embeds.clear()  # what the earlier stage trained may have changed them
+        self._cache_prompts = not encodes_prompt(stage.train)
 
     def _encode_prompt(self, prompt: str) -> Conditioning:
-        return self.backbone.encode_prompt(self.components, [prompt], self.device)
+        return self._encode_prompts([prompt])
 
-    def _prompt_batch(self, name: str, prompt: str, n: int) -> Conditioning:
-        embeds = self._prompt_embeds.get(name)
-        if embeds is None:  # the text encoder (or the token) trains: encode with gradients, every step
-            embeds = self._encode_prompt(prompt)
-        return embeds.expand(n)
+    def _encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The text encoder's conditioning of `prompts`, each spelled as the attached trainables need it
+        (a multi-vector token's placeholder as its tokens, as the stock pipeline spells it)."""
+        for trainable in self.trainables.values():
+            prompts = [trainable.prompt_for_encoder(p) for p in prompts]
+        return self.backbone.encode_prompt(self.components, prompts, self.device)
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of rows with these prompts (a step's instance rows, or its class rows).
+
+        Where nothing the stage trains needs gradients through the text encoder, each distinct prompt is
+        encoded once per stage, on its own (so its embedding does not depend on the rows it first came
+        with); else the step's distinct prompts are encoded with gradients, in one batch. One prompt for
+        every row (the default) is expanded, not copied."""
+        distinct = list(dict.fromkeys(prompts))
+        if self._cache_prompts:
+            with torch.no_grad():
+                for prompt in distinct:
+                    if prompt not in self._prompt_embeds:
+                        self._prompt_embeds[prompt] = self._encode_prompt(prompt)
+            encoded = Conditioning.cat([self._prompt_embeds[p] for p in distinct])
+        else:
+            encoded = self._encode_prompts(distinct)
+        if len(distinct) == 1:
+            return encoded.expand(len(prompts))
+        rows = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
+        return Conditioning({k: v[rows] for k, v in encoded.items()})
 
     def _sample_latents(self, name: str, index: torch.Tensor) -> torch.Tensor:
         mean, std = self._latents[name]
         mean, std = mean[index], std[index]
         return mean + std * self._randn(mean.shape)
 
+    def _instance_latents(self, index: torch.Tensor) -> torch.Tensor:
+        """Latents of these instance rows: sampled from the cached distributions of the centre crops, or
+        (method.data.crop=random) from those of fresh random crops, VAE-encoded now."""
+        if self._uncropped is None:
+            return self._sample_latents("instance", index)
+        pixels, _ = self._random_crops(index)
+        with torch.no_grad(), instrument.span("train.encode_crops"):
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        scale = self.vae.config.scaling_factor
+        mean, std = dist.mean.float() * scale, dist.std.float() * scale
+        return mean + std * self._randn(mean.shape)
+
+    def _random_crops(self, index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """These rows' crops [n, 3, R, R] and their offsets along each photo's longer side.
+
+        Row j shows photo index[j] % N, mirrored where index[j] >= N (flip); its offset is floor(u * k) for
+        the photo's k offsets, u ~ U[0, 1) from the run's generator, drawn for every row of the global
+        batch on every rank (as the noise is), so a resumed run and N processes crop what one process does."""
+        world, rank = self._ranks()
+        rows = len(index)
+        u = torch.rand((rows * world,), generator=self.generator, device=self.device)[rank * rows:(rank + 1) * rows]
+        resolution, count = self._images["instance"].shape[-1], len(self._uncropped)
+        crops, offsets = [], []
+        for i, fraction in zip(index.tolist(), u.tolist()):
+            photo = self._uncropped[i % count]
+            choices = crop_offsets(photo, resolution)
+            offset = min(int(fraction * choices), choices - 1)
+            crop = crop_square(photo, offset, resolution)
+            crops.append(crop.flip(-1) if i >= count else crop)
+            offsets.append(offset)
+        return torch.stack(crops), offsets
+
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         stage = stage_at(self.stages, self.global_step)
         if stage is not self._current_stage:
             self._enter_stage(stage)
-        instance_idx, class_idx = batch
-        latents = self._sample_latents("instance", instance_idx)
+        instance_idx, class_idx, instance_prompts = batch
+        latents = self._instance_latents(instance_idx)
         draw = self._draw(latents)
-        embeds = self._prompt_batch("instance", self.instance_prompt, len(latents))
+        embeds = self._conditioning(list(instance_prompts))
         n_instance = len(latents)
         if stage.prior_loss_weight > 0:  # the class rows, each with its own noise and timesteps
             class_latents = self._sample_latents("class", class_idx)
@@ -296,7 +369,7 @@ class Personalizer(L.LightningModule):
             draw = Draw(*(None if a is None else torch.cat([a, b]) for a, b in
                           zip((draw.noise, draw.timesteps, draw.perturbation),
                               (class_draw.noise, class_draw.timesteps, class_draw.perturbation))))
-            embeds = Conditioning.cat([embeds, self._prompt_batch("class", self.class_prompt, len(class_idx))])
+            embeds = Conditioning.cat([embeds, self._conditioning([self.class_prompt] * len(class_idx))])
 
         pred, target = self._predict(latents, draw, embeds)
 
@@ -405,11 +478,29 @@ class Personalizer(L.LightningModule):
             contents = [t.save(tmp) for name, t in self.trainables.items() if name in trained or t.saved_untrained]
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
+            info.update(self.example_settings())
             optimisation = non_default_settings(self.stages, self.method_cfg, self.hardware_cfg, self._ranks()[0])
             if optimisation:  # named only where a setting is not the default
                 info["optimisation"] = optimisation
             write_info(tmp, CheckpointInfo.from_json(info, tmp))  # typed: a missing or ill-typed field fails here
         return ckpt_dir
+
+    def example_settings(self) -> dict:
+        """What checkpoint.json names of how the training examples were made, where it is not the default:
+        `prompt_templates`, the token's `num_vectors`, `data` (crop, resize filter) and the photos' `captions`."""
+        settings: dict = {}
+        if self.method_cfg.get("prompt_templates"):
+            settings["prompt_templates"] = str(self.method_cfg.prompt_templates)
+        vectors = int((self.method_cfg.get("new_token") or {}).get("num_vectors", 1) or 1)
+        if vectors != 1:
+            settings["num_vectors"] = vectors
+        data = DataSettings.from_cfg(self.method_cfg).non_default()
+        if data:
+            settings["data"] = data
+        captions = {name: caption for name, caption in self.captions.items() if caption is not None}
+        if captions:
+            settings["captions"] = captions
+        return settings
 
     def total_steps(self) -> int:
         return self.stages[-1].end
