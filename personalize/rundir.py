@@ -167,7 +167,7 @@ class CheckpointInfo:
 
     `from_json` reads every checkpoint.json written so far (fields added later get their defaults, keys
     this version does not know are kept in `extra`); `to_json` writes the keys checkpoints have always
-    had, so stock readers and older code read the new files.
+    had (and a later field only where it is set), so stock readers and older code read the new files.
     """
 
     step: int  # the global step the checkpoint was saved after
@@ -188,6 +188,9 @@ class CheckpointInfo:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, written back as read
 
     REQUIRED = ("step", "identifier", "class_noun", "model")
+    # Fields added after the first checkpoints: written only when not empty, so the file of a run that sets
+    # none has exactly the keys checkpoints always had.
+    WRITTEN_WHEN_SET = ("overrides",)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str | Path = "checkpoint.json") -> "CheckpointInfo":
@@ -212,6 +215,7 @@ class CheckpointInfo:
                 "seed": int(values.get("seed") or 0),
                 "kind": str(values.get("kind") or "object"),
                 "contents": [str(c) for c in values.get("contents") or []],
+                "overrides": dict(values.get("overrides") or {}),
                 "extra": {k: v for k, v in data.items() if k not in known},
             })
         except (TypeError, ValueError) as error:
@@ -219,7 +223,8 @@ class CheckpointInfo:
                                    "the run, or save the checkpoint again") from error
 
     def to_json(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra" and (f.name not in self.WRITTEN_WHEN_SET or getattr(self, f.name))}
         return {**self.extra, **data}
 
     def prompt_values(self) -> dict[str, str]:

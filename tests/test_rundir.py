@@ -70,12 +70,19 @@ def test_checkpoint_info_of_an_older_writer_gets_defaults_and_keeps_unknown_keys
     old = {k: v for k, v in WRITTEN_BEFORE.items() if k not in ("kind", "phrase", "contents", "stage_step", "seed")}
     old["optimizer"] = {"name": "adamw"}  # a key a later version writes: kept, not dropped
     info = rundir.CheckpointInfo.from_json(old)
-    assert (info.kind, info.contents, info.stage_step, info.seed) == ("object", [], None, 0)
+    assert (info.kind, info.contents, info.stage_step, info.seed, info.overrides) == ("object", [], None, 0, {})
     assert info.phrase == "<rare> dog"  # the default subject phrase: identifier + class noun
     assert info.extra == {"optimizer": {"name": "adamw"}}
     written = info.to_json()
     assert written["optimizer"] == {"name": "adamw"}
     assert {k: written[k] for k in old} == old  # nothing it had changes on the way through
+
+
+def test_a_field_added_later_is_written_only_where_set():
+    assert "overrides" not in rundir.CheckpointInfo.from_json(WRITTEN_BEFORE).to_json()
+    changed = {**WRITTEN_BEFORE, "overrides": {"method.loss.snr_gamma": 5.0}}
+    info = rundir.CheckpointInfo.from_json(changed)
+    assert info.overrides == {"method.loss.snr_gamma": 5.0} and info.to_json() == changed
 
 
 def test_checkpoint_info_coerces_types():
