@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 KINDS = ("live", "object")
 CROPS = ("center", "random")  # method.data.crop
 # method.data.interpolation: the resize filter, by PIL's names
@@ -209,6 +210,34 @@ def crop_square(pixels: torch.Tensor, offset: int, resolution: int) -> torch.Ten
     return pixels[..., offset:offset + resolution, :]
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a photo at full size as it stands upright (EXIF orientation applied), from its
+    header alone: the "original size" of SDXL's micro-conditioning (open_rgb may decode a large JPEG at a
+    reduced scale)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # EXIF orientations that turn by 90 degrees
+            width, height = height, width
+    return height, width
+
+
+def crop_top_left(original_size: tuple[int, int], resolution: int, offset: int | None = None,
+                  mirrored: bool = False) -> tuple[int, int]:
+    """(top, left) of a training square in the photo resized so its shorter side is `resolution`, as diffusers'
+    SDXL scripts compute it for their crop conditioning: the centre crop's, max(0, round((side - R) / 2)), when
+    `offset` is None, else that of the random crop `offset` pixels along the longer side (crop_square). A
+    mirrored row is a crop of the mirrored photo (the scripts flip, then crop): a random crop along the
+    width starts from the other side."""
+    height, width = original_size
+    resized_long = int(resolution * max(height, width) / min(height, width))  # as resize_short_side rounds it
+    slack = resized_long - resolution
+    if offset is None:
+        along = max(0, int(round(slack / 2.0)))
+    else:
+        along = slack - offset if mirrored and width >= height else offset
+    return (0, along) if width >= height else (along, 0)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor [3, H, W] in [-1, 1], the VAE's input range."""
     array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -252,6 +281,7 @@ class SubjectPhotos:
     images: torch.Tensor  # [N, 3, R, R] in [-1, 1]: the centre crops
     captions: list[str | None]  # each photo's caption template; None: it has none
     uncropped: list[torch.Tensor] | None = None  # crop=random: each photo [3, H, W], shorter side = R
+    sizes: tuple[tuple[int, int], ...] = ()  # each photo's (height, width) upright at full size (upright_size)
 
     def captions_by_name(self, identifier: str, class_noun: str, phrase: str) -> dict[str, str | None]:
         """{photo file name: its caption with {identifier}, {class_noun}, {phrase} filled, or None}, in photo
@@ -284,7 +314,8 @@ def load_subject_photos(folder: Path, resolution: int, settings: DataSettings = 
         if settings.crop == "random":
             uncropped.append(to_tensor(resize_short_side(img, resolution, settings.interpolation)))
     captions = [read_caption(p) for p in paths]
-    return SubjectPhotos(paths, torch.stack(images), captions, uncropped if settings.crop == "random" else None)
+    return SubjectPhotos(paths, torch.stack(images), captions, uncropped if settings.crop == "random" else None,
+                         sizes=tuple(upright_size(p) for p in paths))
 
 
 def load_subject_images(folder: Path, resolution: int) -> torch.Tensor:

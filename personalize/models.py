@@ -58,9 +58,7 @@ def resolve_pretrained(model_cfg) -> str:
     """The folder or hub id to load; builds the tiny model on first use."""
     pretrained = str(model_cfg.pretrained)
     if model_cfg.get("tiny", False):
-        from personalize.tiny import ensure_tiny_sd
-
-        return str(ensure_tiny_sd(pretrained))
+        return str(build_tiny(model_cfg.get("backbone") or "sd", pretrained))
     if is_local_path(pretrained):
         if not (Path(pretrained).expanduser() / "model_index.json").exists():
             raise PersonalizeError(
@@ -69,6 +67,18 @@ def resolve_pretrained(model_cfg) -> str:
             )
         return str(Path(pretrained).expanduser())
     return pretrained
+
+
+def build_tiny(backbone: str, path: str) -> Path:
+    """`model.tiny: true`: the tiny random-weight model of the config's family, built at `path` on first use."""
+    from personalize.tiny import ensure_tiny_sd
+    from personalize.tiny_sdxl import ensure_tiny_sdxl
+
+    builders = {"sd": ensure_tiny_sd, "sdxl": ensure_tiny_sdxl}
+    if backbone not in builders:
+        raise PersonalizeError(f"model.tiny=true with model.backbone={backbone}: tiny models exist for "
+                               f"{', '.join(builders)} only: set model.tiny=false and model.pretrained to a model folder")
+    return builders[backbone](path)
 
 
 def _hub_kwargs(model_cfg) -> dict:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from personalize import instrument
-from personalize.backbones.base import Backbone, Components, Conditioning
+from personalize.backbones.base import Backbone, Components, Conditioning, ImageInfo
 from personalize.backbones.sd import StableDiffusion
+from personalize.backbones.sdxl import StableDiffusionXL
 from personalize.errors import PersonalizeError
 
-BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (StableDiffusion,)}
+BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (StableDiffusion, StableDiffusionXL)}
 DEFAULT_BACKBONE = "sd"
 
 
@@ -35,4 +36,5 @@ def load_pipeline(model_cfg, dtype: torch.dtype = torch.float32, **components):
     return backbone_for(model_cfg).load_pipeline(dtype, **components)
 
 
-__all__ = ["BACKBONES", "Backbone", "Components", "Conditioning", "backbone_for", "load_components", "load_pipeline"]
+__all__ = ["BACKBONES", "Backbone", "Components", "Conditioning", "ImageInfo", "backbone_for", "load_components",
+           "load_pipeline"]

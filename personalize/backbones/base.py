@@ -17,6 +17,9 @@ from typing import Any, ClassVar
 import torch
 
 from personalize.backbones.objectives import LossSettings, NoiseSettings
+from personalize.config import CONF_DIR
+from personalize.errors import PersonalizeError
+from personalize.methods.recipe import method_defaults
 
 
 class Conditioning(dict):
@@ -36,9 +39,23 @@ class Conditioning(dict):
     def to(self, dtype: torch.dtype) -> Conditioning:
         return Conditioning({k: v.to(dtype) if v.is_floating_point() else v for k, v in self.items()})
 
+    def __or__(self, other: dict) -> Conditioning:
+        """Both sets of tensors (the prompt's and the image's), still a Conditioning."""
+        return Conditioning({**self, **other})
+
     @property
     def rows(self) -> int:
         return len(next(iter(self.values())))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Where one training image came from, in pixels, (height, width) and (top, left) as SDXL's
+    micro-conditioning reads them: the photo's size before any resize, and the top-left corner of the
+    training square in the photo resized to the training resolution (personalize.data.crop_top_left)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -65,6 +82,7 @@ class Backbone:
     pipeline_class: ClassVar[str]  # the stock diffusers pipeline that samples it
     default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules LoRA adapts when method.lora.target_modules is null
     supports_editing: ClassVar[bool] = False  # prompt-to-prompt's attention control knows its attention layers
+    supported_trainables: ClassVar[tuple[str, ...] | None] = None  # what a stage may train on it; None: every Trainable
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg
@@ -75,6 +93,21 @@ class Backbone:
         options), from its config files alone: called before anything is written. Raises one
         PersonalizeError line."""
         raise NotImplementedError
+
+    def check_trainables(self, method_cfg) -> None:
+        """Every stage trains only what this family supports (`supported_trainables`); else one line naming
+        the methods of conf/method that do apply. Config only: called before the model is looked at."""
+        if self.supported_trainables is None:
+            return
+        supported = set(self.supported_trainables)
+        for stage, cfg in (method_cfg.get("stages") or {}).items():
+            refused = [str(t) for t in cfg.get("train") or () if str(t) not in supported]
+            if refused:
+                applicable = ", ".join(methods_training_only(supported)) or "none"
+                raise PersonalizeError(
+                    f"method.stages.{stage}.train={[str(t) for t in cfg.train]}: the {self.name} backbone "
+                    f"(model.backbone={self.name}) cannot train {', '.join(refused)}: it trains "
+                    f"{', '.join(self.supported_trainables)}; the methods that apply to it are {applicable}")
 
     def load_components(self, dtypes: dict[str, torch.dtype] | None = None) -> Components:
         raise NotImplementedError
@@ -91,7 +124,20 @@ class Backbone:
     def encode_prompt(self, components: Components, prompts: list[str], device) -> Conditioning:
         raise NotImplementedError
 
+    def image_conditioning(self, images: list[ImageInfo], device) -> Conditioning:
+        """What the denoiser is told about each row's training image (its size and crop), merged into the
+        prompt's conditioning; nothing by default (SD 1.x/2.x see only the pixels)."""
+        return Conditioning()
+
     def denoise(self, components: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
         """The denoiser's prediction for noised latents, in float32."""
         raise NotImplementedError
+
+
+def methods_training_only(trainables: set[str]) -> list[str]:
+    """The methods of conf/method whose every stage trains only `trainables`, as their files define them."""
+    names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
+    return [name for name in names
+            if all(set(map(str, stage.get("train") or ())) <= trainables
+                   for stage in (method_defaults(name).get("stages") or {}).values())]

@@ -183,6 +183,20 @@ def _log_to_wandb(cfg: DictConfig, info: CheckpointInfo, out_dir: Path, record: 
             run.summary[key] = record[key]
 
 
+def check_backbone(ckpt: Path, info: CheckpointInfo) -> None:
+    """Prompt-to-prompt knows the attention layers and conditioning of the backbones that say so
+    (`Backbone.supports_editing`); a checkpoint of another family is one line."""
+    from personalize.backbones import BACKBONES, backbone_for
+
+    backbone = backbone_for(info.model)
+    if not backbone.supports_editing:
+        editable = ", ".join(name for name, cls in BACKBONES.items() if cls.supports_editing)
+        raise PersonalizeError(
+            f"{ckpt} is a checkpoint of model.backbone={backbone.name}: editing supports the {editable} backbone only "
+            f"(prompt-to-prompt's attention control is built for its attention layers): sample it with "
+            f"`personalize-sample` instead, or edit a run of model.backbone={editable}")
+
+
 def run_edit(cfg: DictConfig) -> Path:
     """The whole `personalize-edit` job; returns the folder the results went to."""
     from personalize.artifacts import load_checkpoint_pipeline
@@ -201,6 +215,7 @@ def run_edit(cfg: DictConfig) -> Path:
         raise PersonalizeError(f"step={step} is not a step number: pass step=<N> or step=last")
     ckpt = resolve_checkpoint(Path(str(cfg.run_dir)), step)
     info = read_info(ckpt)
+    check_backbone(ckpt, info)
     values = info.prompt_values()
     source_prompt = fill(cfg.source_prompt, values, "source_prompt")
     target_prompt = fill(cfg.target_prompt, values, "target_prompt")

@@ -1,0 +1,141 @@
+"""Stable Diffusion XL: two CLIP text encoders and size/crop micro-conditioning on an SD-style UNet.
+
+What differs from SD 1.x/2.x (sd.py), computed as diffusers' train_dreambooth_lora_sdxl.py computes it:
+- the prompt: each encoder's penultimate hidden states, concatenated along the features
+  (`encoder_hidden_states`), and the second encoder's projected pooled output (`text_embeds`);
+- each training image's time ids, (original height, original width, crop top, crop left, target height,
+  target width): the photo's size before any resize, the training square's top-left corner in the photo
+  resized to the resolution, and the resolution (`time_ids`, from `image_conditioning`);
+- the UNet takes both as `added_cond_kwargs`.
+The objective is SD's DDPM objective on the scheduler SDXL ships (read as a DDPMScheduler), the resolution
+and prediction-type checks are SD's. `model.vae` loads another VAE in place of the pipeline's own (the
+fp16-fix VAE: SDXL's own overflows in float16, so it is kept in float32 where the frozen dtype is float16).
+
+This backbone trains the UNet (`unet`, `lora`): methods that add a token or train a text encoder are
+refused at config time (`supported_trainables`), and prompt-to-prompt editing supports SD only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.backbones.base import Components, Conditioning, ImageInfo
+from personalize.backbones.sd import StableDiffusion, _ConfigOnly
+from personalize.errors import PersonalizeError
+from personalize.models import is_local_path, load_pretrained, resolve_pretrained, verify_unet
+
+log = logging.getLogger(__name__)
+
+
+class SDXLComponents(Components):
+    """SDXL's parts: `extra` holds the second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`)."""
+
+    def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
+        return [(self.tokenizer, self.text_encoder), (self.extra["tokenizer_2"], self.extra["text_encoder_2"])]
+
+
+class StableDiffusionXL(StableDiffusion):
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # as train_dreambooth_lora_sdxl.py
+    supports_editing = False  # the prompt-to-prompt controller knows SD's attention layers and conditioning only
+    supported_trainables = ("unet", "lora")
+
+    def check_model(self, method_cfg=None) -> None:
+        """SD's checks (prediction type, timestep range, resolution), then: the UNet takes SDXL's added
+        conditioning, and a `model.vae` given is an AutoencoderKL that can be found."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        super().check_model(method_cfg)
+        cfg = self.model_cfg
+        source = resolve_pretrained(cfg)
+        unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg)
+        if unet.get("addition_embed_type") != "text_time":
+            raise PersonalizeError(
+                f"model '{source}' is not an SDXL model (unet/config.json addition_embed_type="
+                f"{unet.get('addition_embed_type')}, SDXL's is text_time): set model.backbone=sd for SD 1.x/2.x, or "
+                "point model.pretrained at an SDXL pipeline")
+        if cfg.get("vae"):
+            load_pretrained(_ConfigOnly(AutoencoderKL), self._vae_source(), None)
+
+    def _vae_source(self) -> str:
+        vae = str(self.model_cfg.vae)
+        return str(Path(vae).expanduser()) if is_local_path(vae) else vae
+
+    def _load_vae(self, dtype: torch.dtype, source: str) -> torch.nn.Module:
+        """The pipeline's VAE or `model.vae`'s, in `dtype`; in float32 instead of float16 where its config
+        says it must be upcast (SDXL's own VAE overflows in float16; diffusers' SDXL script keeps it fp32)."""
+        from diffusers import AutoencoderKL
+
+        cfg = self.model_cfg
+        where = (self._vae_source(), None, None) if cfg.get("vae") else (source, "vae", cfg)
+        if dtype == torch.float16 and load_pretrained(_ConfigOnly(AutoencoderKL), *where).get("force_upcast", False):
+            log.info("the VAE overflows in float16 (force_upcast): kept in float32; model.vae=madebyollin/"
+                     "sdxl-vae-fp16-fix runs in float16")
+            dtype = torch.float32
+        return load_pretrained(AutoencoderKL, *where, dtype=dtype)
+
+    def load_components(self, dtypes=None) -> SDXLComponents:
+        """Both tokenizers and text encoders, VAE, UNet and the DDPM training scheduler; `dtypes` maps a
+        component's name to its dtype (text_encoder_2 follows text_encoder). Nothing here trains the second
+        text encoder: it is loaded frozen."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        dtypes, cfg, fp32 = dtypes or {}, self.model_cfg, torch.float32
+        source = resolve_pretrained(cfg)
+        text_dtype = dtypes.get("text_encoder", fp32)
+        tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg)
+        tokenizer_2 = load_pretrained(CLIPTokenizer, source, "tokenizer_2", cfg)
+        text_encoder = load_pretrained(CLIPTextModel, source, "text_encoder", cfg, dtype=text_dtype)
+        text_encoder_2 = load_pretrained(CLIPTextModelWithProjection, source, "text_encoder_2", cfg,
+                                         dtype=dtypes.get("text_encoder_2", text_dtype))
+        text_encoder_2.requires_grad_(False)
+        vae = self._load_vae(dtypes.get("vae", fp32), source)
+        unet = load_pretrained(UNet2DConditionModel, source, "unet", cfg, dtype=dtypes.get("unet", fp32))
+        verify_unet(source, cfg)  # after the load, which is what downloads the file
+        noise_scheduler = load_pretrained(DDPMScheduler, source, "scheduler", cfg)  # SDXL ships Euler's config
+        return SDXLComponents(tokenizer, text_encoder, vae, unet, noise_scheduler,
+                              extra={"tokenizer_2": tokenizer_2, "text_encoder_2": text_encoder_2})
+
+    def load_pipeline(self, dtype=torch.float32, **components):
+        from diffusers import StableDiffusionXLPipeline
+
+        source = resolve_pretrained(self.model_cfg)
+        if self.model_cfg.get("vae") and "vae" not in components:
+            components["vae"] = self._load_vae(dtype, source)
+        # no invisible watermark (the stock pipeline adds one where the package is installed): it would
+        # change the evaluated images
+        pipe = load_pretrained(StableDiffusionXLPipeline, source, None, self.model_cfg, dtype=dtype,
+                               add_watermarker=False, **components)
+        if "unet" not in components:  # a UNet passed in replaces the base one: its file is not what runs
+            verify_unet(source, self.model_cfg)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def encode_prompt(self, components, prompts, device) -> Conditioning:
+        """Each encoder's penultimate hidden states side by side, and the second encoder's pooled projection."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in components.text_encoders():
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = getattr(output, "text_embeds", None)  # CLIPTextModelWithProjection's: the last encoder's
+        return Conditioning(encoder_hidden_states=torch.cat(hidden, dim=-1), text_embeds=pooled)
+
+    def image_conditioning(self, images: list[ImageInfo], device) -> Conditioning:
+        """Each row's time ids: original size, crop top-left, target size (the resolution, square)."""
+        target = (int(self.model_cfg.resolution),) * 2
+        rows = [[*image.original_size, *image.crop_top_left, *target] for image in images]
+        return Conditioning(time_ids=torch.tensor(rows, dtype=torch.float32, device=device))
+
+    def denoise(self, components, noisy, timesteps, conditioning) -> torch.Tensor:
+        unet = components.unet
+        added = {"text_embeds": conditioning["text_embeds"].to(unet.dtype), "time_ids": conditioning["time_ids"].to(unet.dtype)}
+        return unet(noisy.to(unet.dtype), timesteps, conditioning["encoder_hidden_states"].to(unet.dtype),
+                    added_cond_kwargs=added).sample.float()
