@@ -138,6 +138,6 @@ class Backbone:
 def methods_training_only(trainables: set[str]) -> list[str]:
     """The methods of conf/method whose every stage trains only `trainables`, as their files define them."""
     names = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if not p.stem.startswith("_"))
-    return [name for name in names
-            if all(set(map(str, stage.get("train") or ())) <= trainables
-                   for stage in (method_defaults(name).get("stages") or {}).values())]
+    trained = {name: [set(map(str, stage.get("train") or ()))
+                      for stage in (method_defaults(name).get("stages") or {}).values()] for name in names}
+    return [name for name in names if trained[name] and all(t and t <= trainables for t in trained[name])]

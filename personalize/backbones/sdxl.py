@@ -136,6 +136,6 @@ class StableDiffusionXL(StableDiffusion):
 
     def denoise(self, components, noisy, timesteps, conditioning) -> torch.Tensor:
         unet = components.unet
-        added = {"text_embeds": conditioning["text_embeds"].to(unet.dtype), "time_ids": conditioning["time_ids"].to(unet.dtype)}
+        added = {key: conditioning[key].to(unet.dtype) for key in ("text_embeds", "time_ids")}
         return unet(noisy.to(unet.dtype), timesteps, conditioning["encoder_hidden_states"].to(unet.dtype),
                     added_cond_kwargs=added).sample.float()
