@@ -30,7 +30,8 @@ from personalize import instrument
 from personalize.artifacts import apply_checkpoint
 from personalize.class_images import ensure_class_images
 from personalize.data import Subject
-from personalize.eval.evaluate import EvalSettings, evaluate_run
+from personalize.eval.evaluate import evaluate_run
+from personalize.eval.settings import EvalSettings
 from personalize.eval.protocols import build_protocol
 from personalize.backbones import load_pipeline
 from personalize.models import make_sampler

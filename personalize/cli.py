@@ -289,7 +289,8 @@ def edit_main(cfg: DictConfig):
 def eval_main(cfg: DictConfig):
     """personalize-eval run_dir=<run> [eval=jindal]: evaluate an existing run's checkpoints, no training."""
     def task(cfg):
-        from personalize.eval.evaluate import evaluate_run_dir, print_table
+        from personalize.eval.publish import print_table
+        from personalize.eval.rerun import evaluate_run_dir
 
         records = evaluate_run_dir(cfg)
         signals.clear_interrupted(Path(cfg.run_dir), phases=("evaluation",))  # training's note stays: not done

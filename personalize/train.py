@@ -234,7 +234,7 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
         if trainer.is_global_zero:
             signals.clear_interrupted(run.run_dir)
     if records:
-        from personalize.eval.evaluate import print_table
+        from personalize.eval.publish import print_table
 
         print_table(records, run.run_dir)
     if trainer.is_global_zero:
@@ -246,7 +246,7 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
 def check_evaluation(cfg: DictConfig) -> None:
     """Validate conf/eval (names, counts, optional extras, cached models) without loading anything."""
     if cfg.get("eval") is not None:
-        from personalize.eval.evaluate import EvalSettings, check_settings
+        from personalize.eval.settings import EvalSettings, check_settings
 
         check_settings(EvalSettings.from_cfg(cfg.eval))
 

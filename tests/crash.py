@@ -61,21 +61,22 @@ def kill_in_class_image(index: int) -> None:
 
 
 def kill_in_eval_record(index: int) -> None:
-    import personalize.eval.evaluate as evaluate
+    import personalize.eval.evaluator as evaluator
+    from personalize.rundir import metrics_path
 
-    append = evaluate.append_record
+    append = evaluator.append_record
     written = []
 
     def append_or_die(run_dir, record):
         if len(written) == index:
-            path = evaluate.metrics_path(run_dir)
+            path = metrics_path(run_dir)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(path.read_text() + '{"step": ')  # the new file, cut short
             die()
         append(run_dir, record)
         written.append(record)
 
-    evaluate.append_record = append_or_die
+    evaluator.append_record = append_or_die
 
 
 if __name__ == "__main__":

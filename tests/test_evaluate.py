@@ -13,7 +13,10 @@ import pytest
 
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
+from personalize.rundir import read_records
 from personalize.eval import evaluate as E
+from personalize.eval.evaluator import Evaluator
+from personalize.eval.settings import EvalSettings
 from personalize.eval.metrics import METRIC_NAMES
 from personalize.eval.protocols import PROTOCOLS
 from tests.wandb_offline import offline_runs, read_offline_history
@@ -36,7 +39,7 @@ def trained(tmp_path_factory, isolated_cache):
 
 
 def _records(run_dir):
-    return E.done_records(run_dir)
+    return read_records(run_dir)
 
 
 def test_full_evaluation_writes_every_protocol_metric_and_checkpoint(trained):
@@ -79,7 +82,7 @@ def test_wandb_offline_run_holds_the_same_numbers(trained):
 def test_rerun_skips_what_is_recorded(trained, monkeypatch):
     cfg, run_dir = trained
     before = (run_dir / "metrics.jsonl").read_text()
-    monkeypatch.setattr(E.Evaluator, "pipeline", lambda self: pytest.fail("nothing should be loaded"))
+    monkeypatch.setattr(Evaluator, "pipeline", lambda self: pytest.fail("nothing should be loaded"))
     records = E.evaluate_run(run_dir, cfg.eval, run_cfg=cfg)
     assert len(records) == len(STEPS) * len(PROTOCOLS)
     assert (run_dir / "metrics.jsonl").read_text() == before
@@ -99,10 +102,10 @@ def test_killed_evaluation_resumes_where_it_stopped(trained, monkeypatch):
         image.unlink()
 
     generated, references, loads = [], [], []
-    generate, set_refs, load_pipeline = E.Evaluator.generate, E.Evaluator.metric_set, E.Evaluator.pipeline
-    monkeypatch.setattr(E.Evaluator, "generate", lambda self, s: generated.extend(s) or generate(self, s))
-    monkeypatch.setattr(E.Evaluator, "metric_set", lambda self, k, f: references.append(k) or set_refs(self, k, f))
-    monkeypatch.setattr(E.Evaluator, "pipeline", lambda self: loads.append(self.pipe is None) or load_pipeline(self))
+    generate, set_refs, load_pipeline = Evaluator.generate, Evaluator.metric_set, Evaluator.pipeline
+    monkeypatch.setattr(Evaluator, "generate", lambda self, s: generated.extend(s) or generate(self, s))
+    monkeypatch.setattr(Evaluator, "metric_set", lambda self, k, f: references.append(k) or set_refs(self, k, f))
+    monkeypatch.setattr(Evaluator, "pipeline", lambda self: loads.append(self.pipe is None) or load_pipeline(self))
     records = E.evaluate_run(run_dir, cfg.eval, run_cfg=cfg)
 
     # the whole batch that held the missing image (batches are aligned to the sample index), so the image
@@ -121,8 +124,8 @@ def test_references_are_encoded_once_for_all_checkpoints(trained, monkeypatch):
     """Another protocol setting (more images) re-evaluates everything: one reference set each, not per checkpoint."""
     cfg, run_dir = trained
     encoded = []
-    set_refs = E.Evaluator.metric_set
-    monkeypatch.setattr(E.Evaluator, "metric_set", lambda self, k, f: encoded.append(k) or set_refs(self, k, f))
+    set_refs = Evaluator.metric_set
+    monkeypatch.setattr(Evaluator, "metric_set", lambda self, k, f: encoded.append(k) or set_refs(self, k, f))
     eval_cfg = compose("train", [*SHORT, "eval.protocols=[simple,prior]", "eval.images_per_prompt.simple=3",
                                  "eval.images_per_prompt.prior=3", "eval.metrics=[clip_i,dino]"],
                        output_dir=run_dir).eval
@@ -162,7 +165,7 @@ def test_eval_config_group(tmp_path, monkeypatch):
         ("openai/clip-vit-base-patch32", "facebook/dino-vits16", "inception")
     assert dict(real.images_per_prompt) == {"dreambooth": 4, "simple": 64, "jindal": 1, "prior": 64}
     assert compose("train", ["eval=jindal"], output_dir=tmp_path).eval.protocols == ["jindal"]
-    assert not E.EvalSettings.from_cfg(compose("train", ["eval=none"], output_dir=tmp_path).eval).enabled
+    assert not EvalSettings.from_cfg(compose("train", ["eval=none"], output_dir=tmp_path).eval).enabled
 
     from personalize.train import check_evaluation
 

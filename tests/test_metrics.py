@@ -420,14 +420,14 @@ def test_metric_settings_name_implementation_features_and_resize(standins, clip,
 def test_metrics_record_carries_the_settings_and_readers_ignore_them(make_cfg):
     """A real (one-step, tiny) run's metrics.jsonl: the record names how each number was computed, and
     the evaluation's and the report's readers still read the record."""
-    from personalize.eval import evaluate as E
-    from personalize.report import metric_names, read_metrics
+    from personalize.eval.publish import format_table
+    from personalize.rundir import current_records, is_done, metric_names, read_records
     from personalize.train import fit, prepare_run
 
     cfg = make_cfg("method=textual_inversion", "subject=sample_dog", "method.stages.token.steps=1",
                    "method.stages.token.checkpoint_every=1", "eval.protocols=[simple]", "eval.metrics=[clip_i,fid,is]")
     run = fit(prepare_run(cfg))
-    [record] = E.done_records(run.run_dir)
+    [record] = read_records(run.run_dir)
     clip = M.ClipEncoder(record["spec"]["clip_model"])
     clip_resize = f"shortest-edge-{clip.resize_size}-bicubic-antialias-center-crop-{clip.crop_size}"
     features = f"clip:{record['spec']['clip_model']}"
@@ -439,9 +439,9 @@ def test_metrics_record_carries_the_settings_and_readers_ignore_them(make_cfg):
                "features": f"{features} zero-shot logits over {len(M.CLASS_NOUNS)} labels", "splits": 10,
                "split_seed": 0},
     }
-    assert E.is_done([record], 1, "simple", record["key"], ["clip_i", "fid", "is"]) is record
-    assert E.format_table([record]).splitlines()[0].split() == ["step", "stage", "protocol", "clip_i", "fid", "is"]
-    [read] = read_metrics(run.run_dir / E.METRICS_FILE)
+    assert is_done([record], 1, "simple", record["key"], ["clip_i", "fid", "is"]) is record
+    assert format_table([record]).splitlines()[0].split() == ["step", "stage", "protocol", "clip_i", "fid", "is"]
+    [read] = current_records(read_records(run.run_dir))
     assert set(metric_names(read)) == {"clip_i", "fid", "is", "is_std"}
 
 

@@ -184,7 +184,7 @@ def test_metrics_file_rules(tmp_path):
     records = {r["protocol"]: r for r in read_metrics(path)}
     assert records["simple"]["clip_i"] == 0.1 and records["simple"]["dino"] == 0.2
     assert records["dreambooth"]["clip_i"] == 0.4 and len(records) == 2
-    from personalize.eval.evaluate import RECORD_FIELDS
+    from personalize.rundir import RECORD_FIELDS
 
     assert set(RECORD_FIELDS) <= RECORD_KEYS, "a record field would be read as a metric"
 

@@ -87,7 +87,7 @@ if _spec:
 
         _ci.atomic_save_image = _save_image
     elif _point == "eval-batch":  # while generating evaluation batch number _at of this process
-        from personalize.eval.evaluate import Evaluator
+        from personalize.eval.evaluator import Evaluator
 
         _generate, _calls = Evaluator.generate, []
 
