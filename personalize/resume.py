@@ -171,12 +171,18 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
+def _new_token(method: dict) -> dict | None:
+    """The new token's settings; a run written before `num_vectors` existed had one vector."""
+    token = method.get("new_token")
+    return {**token, "num_vectors": token.get("num_vectors") or 1} if token else None
+
+
 def _structure(config: dict) -> dict:
     """What a resume state's tensors depend on: a run cannot continue under a config that changes it."""
     method = config.get("method") or {}
     stages = list((method.get("stages") or {}).items())
     return {
-        "method": method.get("name"), "identifier": method.get("identifier"), "new_token": method.get("new_token"),
+        "method": method.get("name"), "identifier": method.get("identifier"), "new_token": _new_token(method),
         **trainable_structure(method),  # e.g. the LoRA rank and targets, where a stage trains LoRA
         "stages": [(name, list(s.get("train", []))) for name, s in stages],
         # every stage but the last must keep its length (the last may be extended)

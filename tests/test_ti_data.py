@@ -359,3 +359,19 @@ def test_a_caption_without_the_subject_is_named(captioned_dog, caplog):
     filled = photos.captions_by_name("<sks>", "dog", "<sks>")
     assert filled["04.jpg"] == "a dog in the garden" and filled["01.jpg"] is None
     assert "04.txt" in caplog.text and "does not name the subject" in caplog.text
+
+
+def test_a_run_from_before_num_vectors_resumes_as_one_vector(tmp_path):
+    """config.yaml of a token run written before method.new_token.num_vectors existed means one vector."""
+    from personalize.errors import PersonalizeError
+    from personalize.resume import check_compatible
+
+    def config(new_token):
+        return {"method": {"name": "textual_inversion", "identifier": "<sks>", "new_token": new_token,
+                           "stages": {"token": {"train": ["token"], "steps": 4}}},
+                "model": {"name": "tiny"}, "subject": {"name": "sample_dog"}}
+
+    old = config({"initializer": "dog"})
+    check_compatible(old, config({"initializer": "dog", "num_vectors": 1}), tmp_path)
+    with pytest.raises(PersonalizeError, match="num_vectors"):
+        check_compatible(old, config({"initializer": "dog", "num_vectors": 2}), tmp_path)
