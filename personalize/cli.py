@@ -304,7 +304,7 @@ def eval_main(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 def report_main(cfg: DictConfig):
     """personalize-report experiment=<name> [report.selection=best|last|<step>] [report.source=local|wandb|both]"""
-    from personalize.report import report
+    from personalize.report.command import report
 
     run_task(report, cfg)
 

@@ -297,7 +297,9 @@ for case in cases:
 # ----------------------------------------------------------------------------------------- provenance
 def test_checkpoint_json_and_the_report_name_both_ids(make_cfg, tiny_copy):
     """A run on a copy of a model records what it loaded and what that is a copy of, and the report says so."""
-    from personalize.report import build_report, read_run, spec_from_runs
+    from personalize.report.runs import read_run
+    from personalize.report.spec import spec_from_runs
+    from personalize.report.tables import build_report
     from personalize.train import fit, prepare_run
 
     digest = _sha256(tiny_copy / UNET_FILE)

@@ -16,16 +16,11 @@ import yaml
 
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
-from personalize.report import (
-    RECORD_KEYS,
-    find_local_runs,
-    find_wandb_runs,
-    load_paper_tables,
-    make_report,
-    read_metrics,
-    spec_from_cfg,
-    write_report,
-)
+from personalize.report.command import make_report
+from personalize.report.render import write_report
+from personalize.report.runs import find_local_runs, find_wandb_runs
+from personalize.report.spec import load_paper_tables, spec_from_cfg
+from personalize.rundir import RECORD_KEYS, current_records, read_records
 from tests import sweeps
 
 PAPER = {"two_stage": {"dreambooth": {"clip_i": 0.800, "dino": 0.629}, "simple": {"clip_i": 0.859, "dino": 0.718}},
@@ -181,7 +176,7 @@ def test_metrics_file_rules(tmp_path):
             {"step": 2, "protocol": "dreambooth", "key": "a", "clip_i": 0.3, "fid": None},
             {"step": 2, "protocol": "dreambooth", "key": "b", "clip_i": 0.4}]  # re-evaluated with other settings
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "proto')  # torn last line
-    records = {r["protocol"]: r for r in read_metrics(path)}
+    records = {r["protocol"]: r for r in current_records(read_records(path.parent))}
     assert records["simple"]["clip_i"] == 0.1 and records["simple"]["dino"] == 0.2
     assert records["dreambooth"]["clip_i"] == 0.4 and len(records) == 2
     from personalize.rundir import RECORD_FIELDS

@@ -29,8 +29,9 @@ from PIL import Image
 
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
-from personalize.report import make_report, write_report
-from personalize.report_html import PageSettings, render_page
+from personalize.report.command import make_report
+from personalize.report.page import PageSettings, render_page
+from personalize.report.render import write_report
 from tests import sweeps
 from tests.test_report import make_run, report_cfg
 

@@ -5,12 +5,19 @@ that the evaluation's "is this done" and the report share."""
 from __future__ import annotations
 
 import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
+from PIL import Image
 
 from personalize import rundir
+from personalize.config import PROJECT_ROOT
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_write_json
 
@@ -212,10 +219,68 @@ def test_metric_names_are_the_numbers_beside_the_fields():
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def test_rundir_imports_no_torch():
-    import subprocess
-    import sys
+# `import torch` fails where this is on PYTHONPATH: whatever still runs there needs no torch.
+NO_TORCH = """import sys
+sys.modules["torch"] = None
+"""
 
-    code = "import sys, personalize.rundir; assert 'torch' not in sys.modules, 'torch was imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+def _without_torch(tmp_path):
+    shim = tmp_path / "no_torch"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(NO_TORCH)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(PROJECT_ROOT)]))
+
+
+def test_the_report_and_the_run_dir_import_no_torch():
+    import personalize.report
+
+    modules = ["personalize.rundir"] + [f"personalize.report.{m.name}" for m in pkgutil.iter_modules(personalize.report.__path__)]
+    assert {"personalize.report.command", "personalize.report.page", "personalize.report.runs"} <= set(modules)
+    code = f"import sys; import {', '.join(modules)}; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stderr
+
+
+# The report's own code runs torch-free. (The `personalize-report` console script itself does not yet:
+# its schema preflight reads Stage's fields, and methods/stages.py imports trainables and optim, which
+# import torch at the top.)
+REPORT_TASK = """import sys
+from personalize.config import compose
+from personalize.report.command import report
+report(compose("report", sys.argv[1:], output_dir=sys.argv[-1].split("=", 1)[1]))
+"""
+
+
+def test_the_report_runs_where_torch_cannot_be_imported(tmp_path):
+    """The `personalize-report` task end to end (compose, collect the runs from disk, tables, markdown, CSV,
+    plot, HTML page) on run dirs as training and evaluation leave them (a sweep of two methods x three
+    subjects, with evaluation images for one), in a process where `import torch` fails."""
+    from tests.test_report import make_run
+
+    env = _without_torch(tmp_path)
+    control = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert control.returncode != 0 and "import of torch halted" in control.stderr  # the shim works
+
+    sweep = tmp_path / "train" / "multiruns" / "zeng2023_table1" / "2026-01-01_00-00-00"
+    for method in ("two_stage", "dreambooth"):
+        for subject in ("dog", "dog2", "cat"):
+            run = make_run(sweep, method, subject, name=f"0_{method}-{subject}-s0")
+    for checkpoint in sorted((run / rundir.CHECKPOINTS_DIR).iterdir()):  # the last run: dreambooth / cat
+        folder = rundir.eval_dir(run, checkpoint, "dreambooth")
+        folder.mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / rundir.image_name(0, 0))
+        atomic_write_json(folder / rundir.SPEC_FILE, {"prompts": ["a sks dog in the snow"]})
+    out, page = tmp_path / "report", tmp_path / "report.html"
+    overrides = ["experiment=zeng2023_table1", "logger=none", "table.subjects=[dog,dog2,cat]",
+                 f"report.runs_dirs=[{tmp_path / 'train'}]", f"report.html.path={page}", f"report.out_dir={out}"]
+    result = subprocess.run([sys.executable, "-c", REPORT_TASK, *overrides], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    markdown = (out / "report.md").read_text()
+    assert markdown in result.stdout and "None: every method x subject x column has a value." in markdown
+    table = (out / "table.csv").read_text().splitlines()
+    assert len(table) == 1 + 2 * 4  # methods x the table's columns
+    assert (out / "metrics_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+    html_page = page.read_text()
+    assert "data:image/jpeg;base64," in html_page and "a sks dog in the snow" in html_page

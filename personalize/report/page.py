@@ -7,8 +7,9 @@ Self-contained means the page opens from disk with no server and no network: eve
 and there is no script, font or link to anything outside the file. All text is escaped, and the page is
 written as ASCII (other characters as character references), so it reads the same in any locale.
 
-It is fed by what `personalize.report` computes (a `Report`, the paths of its outputs); nothing here
-selects checkpoints or averages: the numbers are the report's.
+It is fed by what the report computes (a `personalize.report.tables.Report`, the paths of its outputs);
+nothing here selects checkpoints or averages: the numbers are the report's. Where the evaluation put its
+images is the run dir's layout (`personalize.rundir`).
 
 Size: a 128 px thumbnail is about 6 kB (8 kB as base64), and a page holds (photos + methods x prompts x
 images per prompt) x subjects of them: a full 30-subject sweep of two methods, 30 x (5 + 2 x 6 x 4), is
@@ -22,7 +23,6 @@ import html
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -31,19 +31,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_write_text
+from personalize.report.runs import RunInfo
+from personalize.rundir import GRID_FILE, SPEC_FILE, eval_dir, parse_image_name, step_name
 
-if TYPE_CHECKING:  # personalize.report imports this module (its entry point writes the page)
-    from personalize.report import Report, RunInfo
+if TYPE_CHECKING:  # tables.py renders the markdown; the page only reads a built Report
+    from personalize.report.tables import Report
 
 log = logging.getLogger(__name__)
 
-# The evaluation's layout (personalize.eval.evaluate; not imported, as it imports torch and the report
-# never needs it): <run>/eval/step-NNNNNN/<protocol>/pXX_iXX.png (prompt XX, image XX), the prompts in
-# spec.json, and grid.png, the W&B grid made of those images.
-_EVAL_DIR = "eval"
-_GRID_FILE = "grid.png"
-_IMAGE_NAME = re.compile(r"^p(\d+)_i(\d+)\.png$")
-_SPEC_FILE = "spec.json"
 # The DreamBooth subjects have 4-6 photos; a user's own folder may hold many more, which would only
 # lengthen the column without helping the comparison.
 MAX_PHOTOS = 8
@@ -117,23 +112,22 @@ def selected_step(report: "Report", method: str, subject: str, protocol: str) ->
     return int(step) if str(step).isdigit() else int(str(step).split("/")[0])
 
 
-def eval_folder(run: "RunInfo", protocol: str, stage_step: int | None = None) -> Path | None:
+def eval_folder(run: RunInfo, protocol: str, stage_step: int | None = None) -> Path | None:
     """Where the evaluation put a run's images for a checkpoint (by stage step; default the last) and protocol."""
     records = [r for r in run.records if r["protocol"] == protocol
                and (stage_step is None or r.get("stage_step") == stage_step)]
     if not records:
         return None
     record = max(records, key=lambda r: r["step"])
-    checkpoint = str(record.get("checkpoint") or f"step-{int(record['step']):06d}")
-    return Path(run.run_dir) / _EVAL_DIR / checkpoint / protocol
+    return eval_dir(run.run_dir, str(record.get("checkpoint") or step_name(record["step"])), protocol)
 
 
-def eval_images(run: "RunInfo", protocol: str, stage_step: int | None = None) -> list[Path]:
+def eval_images(run: RunInfo, protocol: str, stage_step: int | None = None) -> list[Path]:
     """The images the evaluation generated for a run's checkpoint (by stage step; default the last) and protocol."""
     folder = eval_folder(run, protocol, stage_step)
     if folder is None or run.source != "local":
         return []
-    return sorted(p for p in folder.glob("*.png") if p.name != _GRID_FILE)
+    return sorted(p for p in folder.glob("*.png") if p.name != GRID_FILE)
 
 
 def image_data_uri(path: Path, size: int) -> tuple[str, int, int] | None:
@@ -211,7 +205,7 @@ class Grid:
     reason: str | None = None  # why there are no images
 
 
-def sample_grid(report: "Report", run: "RunInfo | None", method: str, subject: str, settings: PageSettings) -> Grid:
+def sample_grid(report: "Report", run: RunInfo | None, method: str, subject: str, settings: PageSettings) -> Grid:
     """The selected checkpoint's evaluation images of `run` for the page's protocol, a few per prompt."""
     protocol = settings.protocol
     empty = Grid(method, subject, protocol, None, None, [])
@@ -230,9 +224,9 @@ def sample_grid(report: "Report", run: "RunInfo | None", method: str, subject: s
         return replace(grid, reason=f"the images are on the machine that ran it ({run.run_dir})")
     by_prompt: dict[int, list[tuple[int, Path]]] = {}
     for path in images:
-        match = _IMAGE_NAME.match(path.name)
-        if match:
-            by_prompt.setdefault(int(match[1]), []).append((int(match[2]), path))
+        indices = parse_image_name(path.name)
+        if indices is not None:
+            by_prompt.setdefault(indices[0], []).append((indices[1], path))
     if not by_prompt:
         return replace(grid, reason=f"no evaluation images in {folder}")
     prompts = _prompts(folder)
@@ -245,7 +239,7 @@ def sample_grid(report: "Report", run: "RunInfo | None", method: str, subject: s
 
 def _prompts(folder: Path) -> list[str]:
     try:
-        prompts = json.loads((folder / _SPEC_FILE).read_text()).get("prompts") or []
+        prompts = json.loads((folder / SPEC_FILE).read_text()).get("prompts") or []
     except (OSError, ValueError, AttributeError):
         return []
     return [str(p) for p in prompts] if isinstance(prompts, list) else []
@@ -389,7 +383,7 @@ def _photos_html(subject: str, photos: list[Path], folder: str | None, settings:
 
 def _samples(report: "Report", settings: PageSettings) -> str:
     spec = report.spec
-    by_key: dict[tuple, "RunInfo"] = {}
+    by_key: dict[tuple, RunInfo] = {}
     for run in sorted(report.runs, key=lambda r: (r.seed is None, r.seed)):  # several seeds: the lowest shows
         by_key.setdefault((run.method, run.subject), run)
     intro = (f"Protocol <b>{_e(settings.protocol)}</b>: up to {settings.prompts} prompts spread over its list, "
