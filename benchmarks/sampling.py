@@ -35,6 +35,7 @@ from personalize.eval.settings import EvalSettings
 from personalize.eval.protocols import build_protocol
 from personalize.backbones import load_pipeline
 from personalize.models import make_sampler
+from personalize.rundir import EVAL_DIR, metrics_path
 from personalize.train import class_image_spec
 
 
@@ -255,7 +256,7 @@ def bench_evaluation(run, eval_cfg, clock: Clock, reps: int, short_steps: int | 
     parts = []
 
     def run_ours(rep: int) -> None:
-        for stale in (run.run_dir / "metrics.jsonl", run.run_dir / "eval"):
+        for stale in (metrics_path(run.run_dir), run.run_dir / EVAL_DIR):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         with spans.listening():
             start = clock()

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from personalize.devices import resolve_device, resolve_dtype
 from personalize.errors import PersonalizeError
-from personalize.rundir import CheckpointInfo, load_run_config, read_info, resolve_checkpoint
+from personalize.rundir import CHECKPOINTS_DIR, CheckpointInfo, load_run_config, read_info, resolve_checkpoint
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -110,7 +110,7 @@ def open_photo(path) -> "Image.Image":
 def run_root(run_or_ckpt: Path, ckpt: Path) -> Path:
     """The run folder, also when a checkpoint folder itself was passed as run_dir."""
     run_or_ckpt = Path(run_or_ckpt)
-    if run_or_ckpt.resolve() == ckpt.resolve() and ckpt.parent.name == "checkpoints":
+    if run_or_ckpt.resolve() == ckpt.resolve() and ckpt.parent.name == CHECKPOINTS_DIR:
         return ckpt.parent.parent
     return run_or_ckpt
 
