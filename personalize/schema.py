@@ -2,7 +2,7 @@
 
 The schema is the conf/ folder itself, so it needs no upkeep: the known keys are those of the primary
 config (train.yaml, ...) and the union of the keys of every option of each group (conf/<group>/*.yaml);
-`method.stages.<any name>` takes the fields of `Stage`. Files packaged `_global_` (experiment, debug,
+`method.stages.<any name>` takes the stage settings RULES declares. Files packaged `_global_` (experiment, debug,
 local) only override: a key they set must exist elsewhere, so a new setting gets its default (and its
 comment) in train.yaml or in a group file.
 
@@ -29,7 +29,7 @@ import math
 import string
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,9 +42,10 @@ _ANY = "*"  # a mapping whose keys are names the user picks (stage names)
 
 
 def _stage_keys() -> dict:
-    from personalize.methods.stages import Stage
-
-    return {f.name: None for f in fields(Stage) if f.name not in ("name", "start")}
+    """A stage's settings: those RULES declares under `method.stages.*` (every setting has a rule), so the
+    known keys need no import of methods/stages.py (which imports torch, and this module)."""
+    prefix = f"method.stages.{_ANY}."
+    return {key[len(prefix):]: None for key in RULES if key.startswith(prefix) and "." not in key[len(prefix):]}
 
 
 def _is_global(path: Path) -> bool:

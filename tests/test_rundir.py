@@ -242,13 +242,11 @@ def test_the_report_and_the_run_dir_import_no_torch():
     assert result.returncode == 0, result.stderr
 
 
-# The report's own code runs torch-free. (The `personalize-report` console script itself does not yet:
-# its schema preflight reads Stage's fields, and methods/stages.py imports trainables and optim, which
-# import torch at the top.)
+# The `personalize-report` console script itself, Hydra app and schema preflight included, runs torch-free.
 REPORT_TASK = """import sys
-from personalize.config import compose
-from personalize.report.command import report
-report(compose("report", sys.argv[1:], output_dir=sys.argv[-1].split("=", 1)[1]))
+from personalize.cli import report_main
+sys.argv = ["personalize-report", *sys.argv[1:]]
+report_main()
 """
 
 
