@@ -5,9 +5,12 @@
 - per-trainable lrs: one parameter group per trainable at its own base lr, scaled by the schedule,
   and the first AdamW step moves each trainable by its own lr;
 - `scale_lr`: the scripts' factor, in their order;
+- gradient accumulation: k micro-batches of b rows give the gradients and weights of one batch of k*b
+  (same examples, noise and timesteps), with and without prior preservation, through a token's shared
+  text-encoder graph, and under bf16 autocast; the UNet never sees more than a micro-batch;
 - adamw8bit and prodigy: the optimizer the package itself builds with our settings, step for step; a
   missing package is one line, before the run dir is written;
-- the settings' checks, and what checkpoint.json names.
+- the settings' checks; checkpoint.json names each setting away from the method's defaults (`overrides`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import lightning as L
@@ -22,9 +26,10 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from personalize import signals
-from personalize.config import compose
+from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
 from personalize.methods.optim import (
     LR_SCHEDULERS, OPTIMIZERS, LrSchedule, build_optimizer, check_optimizers, optimizer_name, scaled_lr,
@@ -84,8 +89,9 @@ class RecordLrs(L.Callback):
         self.lrs[trainer.global_step - 1] = [group["lr"] for group in optimizer.param_groups]
 
 
-def checkpoint_info(run) -> dict:
-    return json.loads((run.checkpoints()[-1] / "checkpoint.json").read_text())
+def named_in_checkpoint(run) -> dict:
+    """The settings the run's last checkpoint.json names as set away from the method's defaults."""
+    return json.loads((run.checkpoints()[-1] / "checkpoint.json").read_text()).get("overrides", {})
 
 
 # ---------------------------------------------------------------- the lr of every step
@@ -100,8 +106,9 @@ def test_every_schedule_runs_the_lrs_of_get_scheduler_and_is_named_in_checkpoint
     assert ours == reference_lrs(name, 1e-3, 6, **settings)  # exactly: the same floats
     if settings.get("lr_warmup_steps"):
         assert ours[0] == 0.0  # the scripts' warm-up starts at 0 (ours was (s+1)/warmup before)
-    expected = {"stages": {"lora": {"lr_scheduler": name, **settings}}} if name != "constant" else None
-    assert checkpoint_info(run).get("optimisation") == expected
+    named = named_in_checkpoint(run)
+    for key, value in {"lr_scheduler": name, **settings}.items():
+        assert named[f"method.stages.lora.{key}"] == value, key
 
 
 def test_the_lr_does_not_depend_on_the_number_of_processes():
@@ -119,12 +126,13 @@ TWO_STAGE = ["method=two_stage", "method.stages.token.steps=3", "method.stages.t
              "method.stages.unet.steps=5", "method.stages.unet.checkpoint_every=5", "method.stages.unet.lr=1e-3",
              "+method.stages.token.lr_scheduler=linear", "+method.stages.token.lr_warmup_steps=1",
              "+method.stages.unet.lr_scheduler=cosine_with_restarts", "+method.stages.unet.lr_warmup_steps=1",
-             "+method.stages.unet.lr_num_cycles=2"]
+             "+method.stages.unet.lr_num_cycles=2", "method.gradient_accumulation_steps=2"]
 
 
 def test_each_stage_runs_its_own_schedule_and_a_resumed_run_repeats_the_lrs(make_cfg):
     """Stage 2's schedule starts at its own step 0; a run stopped inside stage 2 and resumed gets the lr of
-    the uninterrupted run at every step (no scheduler state to restore: the lr is a function of the step)."""
+    the uninterrupted run at every step (no scheduler state to restore: the lr is a function of the step),
+    and, with 2 micro-batches a step, ends with the same bits (the data position counts whole steps)."""
     whole, recorded = prepare_run(make_cfg(*QUICK, *TWO_STAGE, name="whole")), RecordLrs()
     fit(whole, callbacks_after=[recorded], sample=False, evaluate=False)
     token = reference_lrs("linear", 5e-2, 3, lr_warmup_steps=1)
@@ -143,6 +151,9 @@ def test_each_stage_runs_its_own_schedule_and_a_resumed_run_repeats_the_lrs(make
     fit(resumed, callbacks_after=[after], sample=False, evaluate=False)
     assert sorted(after.lrs) == [6, 7]
     assert all(after.lrs[step] == recorded.lrs[step] for step in (6, 7))
+    for file in ("learned_embeds.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        ours, reference = (load_file(run.checkpoints()[-1] / file) for run in (resumed, whole))
+        assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours), file
 
 
 # ---------------------------------------------------------------- a base lr per trainable
@@ -162,7 +173,7 @@ def test_each_trainable_has_a_group_at_its_lr_scaled_by_the_schedule(make_cfg):
     factors = reference_lrs("linear", 1.0, 4, lr_warmup_steps=1)  # the schedule's factor, on a base lr of 1
     for step, factor in enumerate(factors):
         assert recorded.lrs[step] == [5e-3 * factor, 1e-4 * factor], step
-    assert checkpoint_info(run)["optimisation"]["stages"]["token"]["trainable_lr"] == {"token": 5e-3}
+    assert named_in_checkpoint(run)["method.stages.token.trainable_lr.token"] == 5e-3
 
 
 def test_the_first_adamw_step_moves_each_trainable_by_its_own_lr(make_cfg):
@@ -200,10 +211,99 @@ def test_scale_lr_multiplies_every_lr_by_the_scripts_factor(make_cfg):
     assert scaled_lr(5e-4, OmegaConf.create({"scale_lr": False, "batch_size": 3}), 8) == 5e-4
 
     module = prepare_run(make_cfg(*QUICK, *PIVOT, "method.stages.token.steps=2", "method.batch_size=2",
-                                  "method.scale_lr=true")).module
+                                  "method.gradient_accumulation_steps=3", "method.scale_lr=true")).module
     [optimizer] = module.configure_optimizers()
-    assert [group["lr"] for group in optimizer.param_groups] == [5e-3 * 1 * 2 * 1, 1e-4 * 1 * 2 * 1]
-    assert optimizer.defaults["lr"] == 1e-4 * 2
+    assert [group["lr"] for group in optimizer.param_groups] == [5e-3 * 3 * 2 * 1, 1e-4 * 3 * 2 * 1]
+    assert optimizer.defaults["lr"] == 1e-4 * 3 * 2 * 1
+
+
+# ---------------------------------------------------------------- gradient accumulation
+class StepGradients(L.Callback):
+    """The gradients each optimizer step used (they stay until the next step's zero_grad), and the rows of
+    every UNet call that trains (with autograd on: not the checkpoints' no-grad finiteness check)."""
+
+    def __init__(self):
+        self.grads: list[torch.Tensor] = []
+        self.unet_rows: list[int] = []
+
+    def on_train_start(self, trainer, module):
+        module.unet.register_forward_hook(
+            lambda _, args, __: self.unet_rows.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[module.stages.index(module._current_stage)]
+        self.grads.append(torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]).clone())
+
+
+def trained(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for stage in module.stages for p in module._trainable_params(stage)])
+
+
+# eps 1e-3: Adam's step is then smooth in the gradient, so float noise in a gradient cannot turn into a
+# sign flip of a near-zero one (a full-lr difference); the gradients themselves are compared as they are
+ACCUMULATION = {
+    "finetune": ["method=finetune", "method.stages.unet.steps=2", "method.stages.unet.checkpoint_every=2",
+                 "method.stages.unet.lr=1e-4", "method.optimizer.eps=1e-3"],
+    "dreambooth": ["method=dreambooth", "method.stages.unet.steps=2", "method.stages.unet.checkpoint_every=2",
+                   "method.stages.unet.lr=1e-4", "method.optimizer.eps=1e-3", "class_images.count=2"],
+    "textual_inversion": ["method=textual_inversion", "method.stages.token.steps=2", "method.stages.token.checkpoint_every=2",
+                          "method.stages.token.lr=1e-3", "method.optimizer.eps=1e-3"],
+}
+BF16 = ["hardware.precision=bf16-mixed", "hardware.frozen_dtype=bfloat16"]
+
+
+SNR = ["method.loss.snr_gamma=5.0"]  # Min-SNR-γ: each row weighted by its own timestep's weight
+
+
+@pytest.mark.parametrize("method, extra", [("finetune", []), ("dreambooth", []), ("dreambooth", SNR),
+                                           ("textual_inversion", []), ("finetune", BF16)],
+                         ids=["no-prior", "prior", "prior-snr", "shared-text-graph", "bf16"])
+def test_k_micro_batches_of_b_train_as_one_batch_of_k_times_b(method, extra, make_cfg):
+    """Same examples, noise and timesteps (the step's rows are drawn as one batch either way); the prior
+    rows of DreamBooth go with their micro-batch, with their own SNR weights; the new token's embedding
+    is one graph for both."""
+    runs = {}
+    for k, b in ((2, 1), (1, 2)):
+        run = prepare_run(make_cfg(*QUICK, *ACCUMULATION[method], *extra, f"method.batch_size={b}",
+                                   f"method.gradient_accumulation_steps={k}", name=f"k{k}"))
+        before, recorded = trained(run.module), StepGradients()
+        fit(run, callbacks_after=[recorded], sample=False, evaluate=False)
+        runs[k] = before, trained(run.module), recorded
+        assert named_in_checkpoint(run).get("method.gradient_accumulation_steps", 1) == k
+    (start, accumulated, micro), (_, whole, big) = runs[2], runs[1]
+    prior = 2 if method == "dreambooth" else 1  # instance rows and as many class rows per UNet call
+    assert set(micro.unet_rows) == {1 * prior} and len(micro.unet_rows) == 2 * 2  # 2 steps x 2 micro-batches
+    assert set(big.unet_rows) == {2 * prior} and len(big.unet_rows) == 2
+    assert torch.equal(start, runs[1][0])
+    update = (whole - start).abs().max()
+    if extra != BF16:
+        for g, reference in zip(micro.grads, big.grads):  # float reordering only
+            assert (g - reference).norm() / reference.norm() < 1e-5
+        assert torch.allclose(accumulated, whole, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-3 * float(update))
+    else:  # bf16 autocast: other batch shapes, other bf16 roundings of the activations
+        assert (micro.grads[0] - big.grads[0]).norm() / big.grads[0].norm() < 1e-2
+        assert (accumulated - whole).abs().max() < 0.2 * update
+
+
+def test_accumulation_over_two_processes_matches_one_process_with_the_global_batch(tmp_path, make_cfg):
+    """Under DDP the micro-batches before the last keep their gradients on their rank (no_sync) and the
+    last backward all-reduces the sum: two processes x 2 micro-batches of 1 = one process, one batch of 4.
+    Ranks that never synced would each train on their own rows: off by about a whole update (this fails
+    when the last backward is run without the sync too)."""
+    args = [*QUICK, *ACCUMULATION["finetune"], "method.batch_size=1", "method.gradient_accumulation_steps=2"]
+    result = subprocess.run([sys.executable, "-m", "personalize.cli", "debug=default", *args, "hardware=ddp_cpu",
+                             "logger=none", f"paths.log_dir={tmp_path / 'out'}"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    [run_dir] = [p.parent for p in (tmp_path / "out").glob("train/runs/*/config.yaml")]
+    single = prepare_run(make_cfg(*QUICK, *ACCUMULATION["finetune"], "method.batch_size=4", name="single"))
+    start = {k: v.detach().clone() for k, v in single.module.unet.state_dict().items()}
+    fit(single, sample=False, evaluate=False)
+    file = "checkpoints/step-000002/unet/diffusion_pytorch_model.safetensors"
+    ddp, one = load_file(run_dir / file), load_file(single.run_dir / file)
+    update = max(float((one[k] - start[k]).abs().max()) for k in one)
+    assert all(torch.allclose(ddp[k], one[k], rtol=4 * torch.finfo(torch.float32).eps, atol=1e-3 * update) for k in one)
 
 
 # ---------------------------------------------------------------- the optimizers
@@ -342,9 +442,3 @@ def test_a_bad_optimisation_setting_is_one_line_before_the_run_dir(overrides, me
         prepare_run(cfg)
     assert one_line(error).startswith(message), str(error.value)
     assert not os.path.exists(cfg.paths.output_dir)
-
-
-def test_a_default_run_names_no_optimisation_setting(make_cfg):
-    run = prepare_run(make_cfg(*QUICK, "method=lora", "method.stages.lora.steps=1", "method.stages.lora.checkpoint_every=1"))
-    fit(run, sample=False, evaluate=False)
-    assert "optimisation" not in checkpoint_info(run)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -199,33 +199,3 @@ def _torch_adamw(groups: list[dict], kwargs: dict, mixed_precision: bool) -> tor
         return torch.optim.AdamW(groups, **({"foreach": True} if mixed_precision else {"fused": True}), **kwargs)
     except (RuntimeError, ValueError):  # a device/dtype without that kernel
         return torch.optim.AdamW(groups, **kwargs)
-
-
-# ---------------------------------------------------------------- what checkpoint.json names
-def non_default_settings(stages: list[Stage], method_cfg, hardware_cfg, world_size: int = 1) -> dict:
-    """The optimisation settings of the run that differ from the defaults (empty for a default run)."""
-    settings: dict = {}
-    accumulation = int(method_cfg.get("gradient_accumulation_steps", 1) or 1)
-    if accumulation != 1:
-        settings["gradient_accumulation_steps"] = accumulation
-    if method_cfg.get("scale_lr", False):
-        settings["scale_lr"] = True
-        settings["lr_scale"] = scaled_lr(1.0, method_cfg, world_size)
-    per_stage = {}
-    for stage in stages:
-        defaults = {f.name: f.default for f in fields(stage)}  # the Stage dataclass's defaults are the defaults
-        changed = {field: getattr(stage, field) for field in ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power")
-                   if getattr(stage, field) != defaults[field]}
-        if optimizer_name(stage, hardware_cfg) != DEFAULT_OPTIMIZER:
-            changed["optimizer"] = optimizer_name(stage, hardware_cfg)
-        if stage.trainable_lr:
-            changed["trainable_lr"] = dict(stage.trainable_lr)
-        if changed:
-            per_stage[stage.name] = changed
-    if per_stage:
-        settings["stages"] = per_stage
-    if any(optimizer_name(stage, hardware_cfg) == "prodigy" for stage in stages):
-        for flag in ("prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
-            if not method_cfg.optimizer.get(flag, True):
-                settings[flag] = False
-    return settings
