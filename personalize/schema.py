@@ -541,7 +541,6 @@ RULES: dict[str, Rule] = {
     "method.optimizer.prodigy_use_bias_correction": Flag(),
     "method.optimizer.prodigy_safeguard_warmup": Flag(),
     "method.scale_lr": Flag(),
-    "method.gradient_accumulation_steps": Number(int, 1, means="micro-batches of batch_size per optimizer step"),
     "method.noise.offset": Number(float, 0, means="the offset noise's scale; 0 = none"),
     "method.noise.input_perturbation": Number(float, 0, means="the input perturbation's scale; 0 = none"),
     "method.noise.min_timestep": Number(int, 0, means="the lowest training timestep"),
@@ -577,6 +576,7 @@ RULES: dict[str, Rule] = {
     "model.mirrors.*": Text(means="a hub id"),
     # its form (64 hex digits) is checked by personalize.models.expected_unet_sha256 when the model loads
     "model.unet_sha256": Text(null="unchecked", means="the sha256 of the UNet weights file"),
+    "model.vae": Text(null="the pipeline's own VAE", means="a hub id or folder of an AutoencoderKL"),
     "model.resolution": Number(int, 1, means="training image size in pixels"),
     "model.tiny": Flag(),
     "model.eval_models.clip": Text(),

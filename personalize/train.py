@@ -149,7 +149,7 @@ def prepare_run(cfg: DictConfig) -> Run:
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info,
                 overrides=method_overrides(cfg.method))
     module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed),
-                          uncropped_images=photos.uncropped,
+                          uncropped_images=photos.uncropped, instance_sizes=photos.sizes,
                           backbone=backbone_for(cfg.model))
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
 
@@ -158,7 +158,9 @@ def check_model(cfg: DictConfig) -> None:
     """The model must be there and suit the settings (its backbone says what that means); checked on its
     config files (a few bytes, loaded through the same path as the weights: local folder, cache, hub),
     before anything is written."""
-    backbone_for(cfg.model).check_model(cfg.method)
+    backbone = backbone_for(cfg.model)
+    backbone.check_trainables(cfg.method)  # config alone: a method the family cannot train, before its files
+    backbone.check_model(cfg.method)
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:

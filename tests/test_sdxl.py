@@ -1,0 +1,329 @@
+"""The SDXL backbone on the tiny random-weight SDXL (`model=tiny_sdxl`).
+
+- Parity: one LoRA training step equals our own reimplementation of diffusers'
+  train_dreambooth_lora_sdxl.py step on the same latents, noise, timesteps and prompt (both encoders'
+  penultimate hidden states, the second's pooled projection, the time ids of each photo's original size and
+  centre crop): same loss, gradients and updated LoRA weights. The photos are of several sizes and
+  orientations, so the time ids differ per row.
+- Random crops and flips: each row's crop corner locates the very pixels that trained in the (mirrored)
+  resized photo.
+- lora, dreambooth (prior preservation with class images from the SDXL pipeline) and finetune train,
+  checkpoint, load in a stock `StableDiffusionXLPipeline` (LoRA with its alpha) and sample; evaluation on
+  the DreamBooth protocol runs on a tiny_sdxl run; the CLI runs it.
+- What SDXL does not train here (a new token, a text encoder) and editing are one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from personalize.config import PROJECT_ROOT, compose
+from personalize.errors import PersonalizeError
+from personalize.methods.module import Personalizer
+from personalize.train import fit, prepare_run
+from tests.helpers import changed_fraction, snapshot, stock_pipeline
+
+SAMPLE_DOG = PROJECT_ROOT / "data" / "samples" / "dog"
+ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(isolated_cache) -> Path:
+    from personalize.models import resolve_pretrained
+
+    return Path(resolve_pretrained(compose("train", ["model=tiny_sdxl"], output_dir="/unused").model))
+
+
+@pytest.fixture
+def sdxl_cfg(make_cfg):
+    def _make(*overrides: str, name: str = "run"):
+        return make_cfg("model=tiny_sdxl", *overrides, name=name)
+
+    return _make
+
+
+@pytest.fixture
+def odd_photos(tmp_path) -> Path:
+    """Four photos of the sample dog in other shapes: landscape, portrait, a landscape file that EXIF turns
+    upright, and one smaller than the resolution."""
+    folder = tmp_path / "odd_dog"
+    folder.mkdir()
+    photos = sorted(SAMPLE_DOG.glob("*.jpg"))
+    Image.open(photos[0]).resize((112, 80)).save(folder / "00.jpg")
+    Image.open(photos[1]).resize((72, 104)).save(folder / "01.jpg")
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # stored 120x90, shown turned by 90 degrees: 90 wide, 120 high
+    Image.open(photos[2]).resize((120, 90)).save(folder / "02.jpg", exif=exif)
+    Image.open(photos[3]).resize((48, 48)).save(folder / "03.jpg")
+    return folder
+
+
+def folder_subject(folder: Path) -> list[str]:
+    return ["subject=folder", f"subject.data_dir={folder}", "subject.class_noun=dog"]
+
+
+# ---------------------------------------------------------------- the reference: train_dreambooth_lora_sdxl.py
+def script_time_ids(photo: Path, resolution: int) -> list[int]:
+    """What train_dreambooth_lora_sdxl.py computes for one photo with --center_crop: the size of the photo
+    as opened and EXIF-transposed, then the centre crop's (top, left) after torchvision's Resize(resolution),
+    which scales the shorter side to the resolution and the longer to int(resolution * long / short)."""
+    image = ImageOps.exif_transpose(Image.open(photo))
+    height, width = image.height, image.width
+    if width <= height:
+        resized_h, resized_w = int(resolution * height / width), resolution
+    else:
+        resized_h, resized_w = resolution, int(resolution * width / height)
+    top = max(0, int(round((resized_h - resolution) / 2.0)))
+    left = max(0, int(round((resized_w - resolution) / 2.0)))
+    return [height, width, top, left, resolution, resolution]
+
+
+def script_encode_prompt(text_encoders, tokenizers, prompt: str):
+    """The script's encode_prompt: each encoder's hidden_states[-2], concatenated; the last encoder's output[0]
+    (CLIPTextModelWithProjection's projected pooled embedding)."""
+    embeds = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        output = encoder(ids, output_hidden_states=True, return_dict=False)
+        pooled = output[0]
+        embeds.append(output[-1][-2])
+    return torch.concat(embeds, dim=-1), pooled.view(1, -1)
+
+
+def record_steps(monkeypatch) -> list[dict]:
+    """Each training step's batch, denoiser inputs, loss, and the LoRA weights before and gradients after."""
+    steps: list[dict] = []
+    predict, training_step = Personalizer._predict, Personalizer.training_step
+
+    def lora(module):
+        return {n: p for n, p in module.unet.named_parameters() if "lora_" in n}
+
+    def recording_step(self, batch, batch_idx):
+        steps.append({"batch": batch, "before": {n: p.detach().clone() for n, p in lora(self).items()}})
+        loss = training_step(self, batch, batch_idx)
+        steps[-1].update(loss=loss.detach().clone(), grads={n: p.grad.clone() for n, p in lora(self).items()},
+                         after={n: p.detach().clone() for n, p in lora(self).items()})
+        return loss
+
+    def recording_predict(self, latents, draw, conditioning):
+        if torch.is_grad_enabled() and steps and "latents" not in steps[-1]:
+            steps[-1].update(latents=latents.detach().clone(), noise=draw.noise.clone(),
+                             timesteps=draw.timesteps.clone(),
+                             conditioning={k: v.detach().clone() for k, v in conditioning.items()})
+        return predict(self, latents, draw, conditioning)
+
+    monkeypatch.setattr(Personalizer, "training_step", recording_step)
+    monkeypatch.setattr(Personalizer, "_predict", recording_predict)
+    return steps
+
+
+def test_a_lora_step_equals_train_dreambooth_lora_sdxl(sdxl_cfg, odd_photos, tiny_sdxl_dir, monkeypatch):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    steps = record_steps(monkeypatch)
+    cfg = sdxl_cfg("method=lora", *folder_subject(odd_photos), "method.batch_size=4", "method.stages.lora.steps=1",
+                   "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=1e-3", "method.lora.alpha=8",
+                   "eval=none")
+    run = prepare_run(cfg)
+    fit(run, sample=False, evaluate=False)
+    (step,) = steps
+    resolution, prompt = int(cfg.model.resolution), run.module.instance_prompt
+
+    # the time ids of the step's rows are the script's, from each photo file
+    photos = sorted(odd_photos.glob("*.jpg"))
+    instance_idx = step["batch"][0].tolist()
+    assert sorted(instance_idx) == [0, 1, 2, 3]  # every photo, each with its own size and crop
+    time_ids = torch.tensor([script_time_ids(photos[i], resolution) for i in instance_idx], dtype=torch.float32)
+    assert len({tuple(row) for row in time_ids.tolist()}) == 4
+    torch.testing.assert_close(step["conditioning"]["time_ids"], time_ids, rtol=0, atol=0)
+
+    # the script's step, on its own models loaded the stock way, with our initial LoRA weights
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")]
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(tiny_sdxl_dir, subfolder="scheduler")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    assert set(params) == set(step["before"])
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(step["before"][name])
+        prompt_embeds, pooled = script_encode_prompt(text_encoders, tokenizers, prompt)
+
+    model_input, noise, timesteps = step["latents"], step["noise"], step["timesteps"]
+    bsz = model_input.shape[0]
+    noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+    added = {"time_ids": time_ids, "text_embeds": pooled.repeat(bsz, 1)}
+    model_pred = unet(noisy, timesteps, prompt_embeds.repeat(bsz, 1, 1), added_cond_kwargs=added, return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")  # epsilon target, no prior, no snr
+    loss.backward()
+    opt_cfg = cfg.method.optimizer
+    torch.nn.utils.clip_grad_norm_(params.values(), float(opt_cfg.max_grad_norm))
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-3, betas=tuple(opt_cfg.betas),
+                                  weight_decay=float(opt_cfg.weight_decay), eps=float(opt_cfg.eps))
+    optimizer.step()
+
+    torch.testing.assert_close(step["loss"], loss.detach(), rtol=1e-5, atol=1e-7)
+    moved = 0
+    for name, param in params.items():
+        torch.testing.assert_close(step["grads"][name], param.grad, rtol=1e-4, atol=1e-8, msg=f"gradient of {name}")
+        torch.testing.assert_close(step["after"][name], param.detach(), rtol=1e-5, atol=1e-7, msg=f"{name} after the step")
+        moved += not torch.equal(step["after"][name], step["before"][name])
+    assert moved == len(params)  # every LoRA weight took the step (B from its gradient, A from weight decay)
+    assert any(float(g.abs().max()) > 0 for g in step["grads"].values())
+
+
+def test_random_crops_and_flips_condition_on_the_crop_that_trained(sdxl_cfg, odd_photos, monkeypatch):
+    steps = record_steps(monkeypatch)
+    crops: list[tuple] = []
+    random_crops = Personalizer._random_crops
+
+    def recording_crops(self, index):
+        pixels, offsets = random_crops(self, index)
+        crops.append((index.clone(), pixels.clone(), offsets))
+        return pixels, offsets
+
+    monkeypatch.setattr(Personalizer, "_random_crops", recording_crops)
+    cfg = sdxl_cfg("method=lora", *folder_subject(odd_photos), "method.batch_size=4", "method.stages.lora.steps=2",
+                   "method.stages.lora.checkpoint_every=null", "method.data.crop=random", "method.flip=true", "eval=none")
+    run = prepare_run(cfg)
+    fit(run, sample=False, evaluate=False)
+    resolution, uncropped = int(cfg.model.resolution), run.module._uncropped
+    photos = sorted(odd_photos.glob("*.jpg"))
+    seen = set()
+    for step, (index, pixels, _) in zip(steps, crops):
+        for row, (i, time_ids) in enumerate(zip(index.tolist(), step["conditioning"]["time_ids"].tolist())):
+            photo, mirrored = i % len(photos), i >= len(photos)
+            upright = ImageOps.exif_transpose(Image.open(photos[photo]))
+            height, width, top, left, target_h, target_w = map(int, time_ids)
+            assert (height, width, target_h, target_w) == (upright.height, upright.width, resolution, resolution)
+            resized = uncropped[photo].flip(-1) if mirrored else uncropped[photo]  # the photo the crop is of
+            assert torch.equal(pixels[row], resized[:, top:top + resolution, left:left + resolution]), (i, time_ids)
+            seen.add((photo, mirrored, top, left))
+    assert {mirrored for _, mirrored, _, _ in seen} == {False, True}
+    assert any(top or left for _, _, top, left in seen)
+
+
+# ---------------------------------------------------------------- methods: train, checkpoint, stock load, sample
+SHORT_RUNS = {
+    "lora": ["method.stages.lora.steps=2", "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=2e-2",
+             "method.lora.alpha=8"],
+    "dreambooth": ["method.stages.unet.steps=2", "method.stages.unet.checkpoint_every=null",
+                   "method.stages.unet.lr=1e-3", "class_images.count=2"],
+    "finetune": ["method.stages.unet.steps=2", "method.stages.unet.checkpoint_every=null", "method.stages.unet.lr=1e-3"],
+}
+TRAINS = {"lora": "lora", "dreambooth": "unet", "finetune": "unet"}
+ARTIFACTS = {"lora": {"pytorch_lora_weights.safetensors"}, "dreambooth": {"unet"}, "finetune": {"unet"}}
+
+
+def sdxl_unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    latents, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    pooled = torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim,
+                         generator=g)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[128.0, 96.0, 0.0, 16.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), context, added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize("method", list(SHORT_RUNS))
+def test_method_trains_checkpoints_and_loads_in_the_stock_sdxl_pipeline(method, sdxl_cfg, tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    # the LoRA run is also evaluated on the DreamBooth protocol (tiny CLIP/DINO, the debug preset's counts)
+    evaluation = "eval=dreambooth" if method == "lora" else "eval=none"
+    run = prepare_run(sdxl_cfg(f"method={method}", "subject=sample_dog", "method.batch_size=2", evaluation,
+                               *SHORT_RUNS[method]))
+    module = run.module
+    assert type(module.backbone).__name__ == "StableDiffusionXL"
+    before = snapshot(module)
+    second_encoder = {n: p.detach().clone() for n, p in module.components.extra["text_encoder_2"].named_parameters()}
+    loss_before = module.fixed_loss()
+    fit(run)
+    assert module.fixed_loss() < loss_before
+
+    after = snapshot(module)
+    for part in before:
+        fraction = changed_fraction(before[part], after[part])
+        assert fraction > 0.9 if part == TRAINS[method] else fraction == 0.0, (part, fraction)
+    assert all(torch.equal(p, second_encoder[n]) for n, p in module.components.extra["text_encoder_2"].named_parameters())
+
+    (ckpt,) = run.checkpoints()
+    assert {p.name for p in ckpt.iterdir()} - {"checkpoint.json"} == ARTIFACTS[method]
+    assert json.loads((ckpt / "checkpoint.json").read_text())["model"]["backbone"] == "sdxl"
+    pipe = stock_pipeline(tiny_sdxl_dir, ckpt)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    # the stock-loaded UNet is the one that trained (LoRA: scaled by the alpha the file's metadata carries)
+    torch.testing.assert_close(sdxl_unet_output(pipe.unet), sdxl_unet_output(module.unet), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(sdxl_unet_output(pipe.unet), sdxl_unet_output(stock_pipeline(tiny_sdxl_dir, tiny_sdxl_dir).unet))
+    image = pipe(module.instance_prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0
+    assert len(list((run.run_dir / "samples" / ckpt.name).glob("*.png"))) == 2
+
+    if method == "dreambooth":  # the class rows condition on the class images' own size: made at the resolution
+        class_images = module._images["class"]
+        assert class_images.shape[1:] == (3, 64, 64)
+        assert module._image_conditioning("class", torch.arange(2))["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    if method == "lora":
+        records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert {r["protocol"] for r in records} == {"dreambooth"} and {r["step"] for r in records} == {2}
+        values = [v for r in records for k, v in r.items() if k in ("clip_i", "clip_t", "dino")]
+        assert values and all(np.isfinite(values))
+        images = list((run.run_dir / "eval" / ckpt.name / "dreambooth").glob("p*_i*.png"))
+        assert len(images) == 25 and {r["num_images"] for r in records} == {25}  # 25 prompts x 1 image (debug preset)
+
+
+# ---------------------------------------------------------------- what SDXL refuses, before anything is written
+@pytest.mark.parametrize("overrides", [
+    ["method=textual_inversion"], ["method=two_stage"], ["method=custom_diffusion"],
+    ["method=dreambooth", "method.stages.unet.train=[unet,text_encoder]"],
+])
+def test_a_method_sdxl_does_not_train_is_one_line_naming_those_that_apply(overrides, sdxl_cfg, tmp_path):
+    cfg = sdxl_cfg("subject=sample_dog", *overrides, name="refused")
+    with pytest.raises(PersonalizeError) as error:
+        prepare_run(cfg)
+    message = str(error.value)
+    assert "\n" not in message
+    stage = next(iter(cfg.method.stages))
+    assert message.startswith(f"method.stages.{stage}.train=")
+    assert "the sdxl backbone (model.backbone=sdxl) cannot train" in message
+    assert message.endswith("the methods that apply to it are dreambooth, finetune, lora")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_cli_trains_lora_on_tiny_sdxl_and_editing_it_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PERSONALIZE_OUTPUTS=str(tmp_path / "out"))
+    result = subprocess.run(
+        [sys.executable, "-m", "personalize.cli", "method=lora", "model=tiny_sdxl", "subject=sample_dog", "debug=default",
+         "method.stages.lora.steps=2", "method.stages.lora.checkpoint_every=null", "eval=none"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "out" / "train" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors").is_file()
+
+    from personalize.edit.runner import run_edit
+
+    cfg = compose("edit", [f"run_dir={run_dir}", "image=null"], output_dir=tmp_path / "edit")
+    with pytest.raises(PersonalizeError) as error:
+        run_edit(cfg)
+    assert "\n" not in str(error.value)
+    assert "is a checkpoint of model.backbone=sdxl: editing supports the sd backbone only" in str(error.value)
+    assert not (run_dir / "edits").exists()
