@@ -541,6 +541,7 @@ RULES: dict[str, Rule] = {
     "method.optimizer.prodigy_use_bias_correction": Flag(),
     "method.optimizer.prodigy_safeguard_warmup": Flag(),
     "method.scale_lr": Flag(),
+    "method.gradient_accumulation_steps": Number(int, 1, means="micro-batches of batch_size per optimizer step"),
     "method.noise.offset": Number(float, 0, means="the offset noise's scale; 0 = none"),
     "method.noise.input_perturbation": Number(float, 0, means="the input perturbation's scale; 0 = none"),
     "method.noise.min_timestep": Number(int, 0, means="the lowest training timestep"),

@@ -6,23 +6,29 @@ Nothing that can be hoisted out of the step runs in it:
 - prompt embeddings are computed once per stage whenever nothing in the text encoder trains;
 - frozen components never get gradients (requires_grad off, so autograd does not even record them).
 
-Manual optimisation: each stage has its own optimizer over only what it trains, and the stage is a
-pure function of the global step, so a resumed run lands in the right stage with the right optimizer.
+Manual optimisation: each stage has its own optimizer over only what it trains (methods/optim.py: its
+lr schedule is a function of the step), and the stage is a pure function of the global step, so a
+resumed run lands in the right stage with the right optimizer and lr. Gradient accumulation runs the
+step's rows through forward and backward `batch_size` at a time, then steps once.
 
 Every random number of a step comes from one generator of the module, drawn for the whole global batch
-on every rank, and the data order from one permutation of the whole run: N processes see what one
-process with N times the batch sees, and a resumed run (its checkpoint holds the generator state and
-the data position) continues the exact sequence of the uninterrupted one.
+on every rank, and the data order from one permutation of the whole run: N processes (or k accumulated
+micro-batches) see what one process with N (or k) times the batch sees, and a resumed run (its
+checkpoint holds the generator state and the data position) continues the exact sequence of the
+uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ParallelStrategy
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from personalize.backbones import Backbone, Components, Conditioning, ImageInfo, backbone_for
@@ -31,7 +37,7 @@ from personalize import instrument
 from personalize.data import DataSettings, crop_offsets, crop_square, crop_top_left
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir
-from personalize.methods.optim import LrSchedule, build_optimizer, non_default_settings
+from personalize.methods.optim import LrSchedule, build_optimizer
 from personalize.methods.stages import Stage, parse_stages, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
@@ -158,6 +164,10 @@ class Personalizer(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._rng_to_restore: dict | None = None
         self.batch_size = int(method_cfg.batch_size)
+        # gradient accumulation: a step's rows are drawn (data, noise, timesteps) as one batch of
+        # batch_size x accumulation rows, then run forward and backward batch_size rows at a time
+        self.accumulation = int(method_cfg.get("gradient_accumulation_steps", 1) or 1)
+        self.rows_per_step = self.batch_size * self.accumulation
         self._images = {"instance": instance_images, "class": class_images}
         self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prompt_embeds: dict[str, Conditioning] = {}  # by prompt text, within a stage that encodes none with gradients
@@ -261,9 +271,9 @@ class Personalizer(L.LightningModule):
         flip = 2 if self.method_cfg.get("flip", False) else 1
         num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
         world, rank = self._ranks()
-        dataset = StepIndices(total_steps * self.batch_size * world, len(self._images["instance"]) * flip, num_class,
+        dataset = StepIndices(total_steps * self.rows_per_step * world, len(self._images["instance"]) * flip, num_class,
                               self.example_prompts, num_photos=len(self._images["instance"]))
-        sampler = StepSampler(total_steps, self.batch_size, int(self.method_cfg.get("data_seed", 0)), rank, world)
+        sampler = StepSampler(total_steps, self.rows_per_step, int(self.method_cfg.get("data_seed", 0)), rank, world)
         return StepLoader(dataset, sampler, steps_done=lambda: self.global_step)
 
     def configure_optimizers(self):
@@ -393,20 +403,14 @@ class Personalizer(L.LightningModule):
             embeds = Conditioning.cat([embeds, self._conditioning([self.class_prompt] * len(class_idx))
                                        | self._image_conditioning("class", class_idx)])
 
-        pred, target = self._predict(latents, draw, embeds)
-
-        weights = self.objective.row_weights(draw.timesteps)
-        instance_loss = _loss(pred[:n_instance], target[:n_instance], None if weights is None else weights[:n_instance])
-        loss = instance_loss
-        if stage.prior_loss_weight > 0:
-            prior_loss = _loss(pred[n_instance:], target[n_instance:], None if weights is None else weights[n_instance:])
-            loss = instance_loss + stage.prior_loss_weight * prior_loss
-            self.log("train/prior_loss", prior_loss, on_step=True, batch_size=n_instance)
-
         optimizer = self.optimizers()[self.stages.index(stage)] if len(self.stages) > 1 else self.optimizers()
         self._set_lr(optimizer, stage)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        instance_loss, prior_loss = self._backward_in_micro_batches(stage, latents, draw, embeds, n_instance)
+        loss = instance_loss
+        if prior_loss is not None:
+            loss = instance_loss + stage.prior_loss_weight * prior_loss
+            self.log("train/prior_loss", prior_loss, on_step=True, batch_size=n_instance)
         max_norm = float(self.method_cfg.optimizer.get("max_grad_norm") or 0)
         if max_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
@@ -418,6 +422,52 @@ class Personalizer(L.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=n_instance)
         self.log("train/stage", float(self.stages.index(stage)), on_step=True, batch_size=n_instance)
         return loss
+
+    def _backward_in_micro_batches(self, stage: Stage, latents: torch.Tensor, draw: Draw, embeds: Conditioning,
+                                   n_instance: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of the step's rows, `batch_size` instance rows (and as many class rows) at a
+        time: one micro-batch per accumulation step. Each micro-batch's loss is weighted by its share of
+        the rows, so the gradients add up to those of the whole batch's loss (its instance and prior
+        terms are means over the rows). Under DDP they are all-reduced once, in the last backward.
+
+        Returns the step's instance loss and prior loss (None without prior preservation), detached."""
+        weights = self.objective.row_weights(draw.timesteps)
+        prior = stage.prior_loss_weight > 0
+        micro, share = n_instance // self.accumulation, 1.0 / self.accumulation
+        # a conditioning computed with gradients (a token or the text encoder trains) is one graph that
+        # every micro-batch's backward goes through: kept until the last
+        shared_graph = any(v.requires_grad for v in embeds.values())
+        instance_loss, prior_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for i in range(self.accumulation):
+            last = i == self.accumulation - 1
+            if self.accumulation == 1:  # the whole batch: no copies
+                part, part_draw, part_embeds, part_weights = latents, draw, embeds, weights
+            else:
+                rows = torch.arange(i * micro, (i + 1) * micro, device=self.device)
+                if prior:  # the class rows follow the instance rows
+                    rows = torch.cat([rows, rows + n_instance])
+                part, part_embeds = latents[rows], Conditioning({k: v[rows] for k, v in embeds.items()})
+                part_draw = Draw(**{f.name: None if getattr(draw, f.name) is None else getattr(draw, f.name)[rows]
+                                    for f in dataclasses.fields(draw)})
+                part_weights = None if weights is None else weights[rows]
+            pred, target = self._predict(part, part_draw, part_embeds)
+            instance = _loss(pred[:micro], target[:micro], None if part_weights is None else part_weights[:micro])
+            micro_loss = instance
+            if prior:
+                prior_part = _loss(pred[micro:], target[micro:], None if part_weights is None else part_weights[micro:])
+                micro_loss = instance + stage.prior_loss_weight * prior_part
+                prior_loss = prior_loss + prior_part.detach() * share
+            instance_loss = instance_loss + instance.detach() * share
+            with nullcontext() if last else self._no_gradient_sync():
+                self.manual_backward(micro_loss if self.accumulation == 1 else micro_loss * share,
+                                     retain_graph=shared_graph and not last)
+            del pred, target, micro_loss  # this micro-batch's graph goes before the next one's forward
+        return instance_loss, prior_loss if prior else None
+
+    def _no_gradient_sync(self):
+        """This backward's gradients stay on this rank; DDP all-reduces them with the last micro-batch's."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
     def _predict(self, latents: torch.Tensor, draw: Draw, conditioning: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's prediction for the noised latents, and what it should have predicted."""
@@ -503,9 +553,6 @@ class Personalizer(L.LightningModule):
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
             info.update(self.example_settings())
-            optimisation = non_default_settings(self.stages, self.method_cfg, self.hardware_cfg, self._ranks()[0])
-            if optimisation:  # named only where a setting is not the default
-                info["optimisation"] = optimisation
             write_info(tmp, CheckpointInfo.from_json(info, tmp))  # typed: a missing or ill-typed field fails here
         return ckpt_dir
 
