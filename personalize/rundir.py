@@ -284,6 +284,12 @@ def resolve_checkpoint(run_or_ckpt: Path, step: int | str | None = None) -> Path
 #   except that a missing value (None: the metric was not finite) never erases a number;
 # - of several keys of one (step, protocol), the one written last is the current one.
 
+# One record per run is not a checkpoint's: the subject's photos scored against each other (eval.real_images,
+# personalize/eval/real_images.py), the "real images" row of a report. Its protocol and step, and its metrics:
+REAL_IMAGES_PROTOCOL = "real_images"
+REAL_IMAGES_STEP = 0  # before any training step
+REAL_IMAGES_METRICS = ("clip_i", "dino")  # the image-image similarities; the others have no real-images value
+
 # What a record holds besides its metric values (which sit beside these, under the metric's name).
 RECORD_FIELDS = ("step", "stage", "stage_step", "method", "subject", "checkpoint", "protocol", "references",
                  "num_images", "metric_settings", "key", "spec", "seconds", "time", "base_images")

@@ -610,6 +610,7 @@ RULES: dict[str, Rule] = {
     "eval.images_per_prompt.*": Number(int, 1, means="images per prompt of the protocol"),
     "eval.metrics": Items(),
     "eval.metrics.*": Text(),
+    "eval.real_images": Flag(),
     "eval.clip_model": Text(null="none"),
     "eval.dino_model": Text(null="none"),
     "eval.tiny_models": Flag(),

@@ -49,6 +49,7 @@ from personalize.eval.evaluator import Evaluator, Pair
 from personalize.eval.images import reference_images
 from personalize.eval.protocols import build_protocol
 from personalize.eval.publish import log_record, log_summary
+from personalize.eval.real_images import evaluate_real_images, pending_spec
 from personalize.eval.settings import EvalSettings, check_settings, spec_key
 from personalize.rundir import CHECKPOINTS_DIR, METRICS_FILE, is_done, list_checkpoints, load_run_config, read_info, read_records
 
@@ -98,8 +99,11 @@ def evaluate_run(run_dir: Path, eval_cfg: DictConfig | Mapping, run_cfg: DictCon
         log_record(logger, done, run_dir, settings.metrics)
     log.info("eval: %d checkpoint(s) x %d protocol(s): %d pair(s) to evaluate, %d already in %s",
              len({p.checkpoint for p in pairs}), len(settings.protocols), len(todo), len(pairs) - len(todo), METRICS_FILE)
-    if todo:
+    real_images = pending_spec(records, settings, int(run_cfg.model.resolution))  # eval.real_images, once per run
+    if todo or real_images is not None:
         evaluator = Evaluator(run_dir, run_cfg, settings, model_cfg, device, dtype)
+        if real_images is not None:  # the photos against each other: seconds, and before any generation
+            evaluate_real_images(evaluator, real_images, logger)
         if any(p.protocol.name != "prior" for p in todo):  # the subject's photos, encoded once
             evaluator.metric_set("subject", lambda: reference_images(run_cfg))
         prior = next((p for p in todo if p.protocol.name == "prior"), None)

@@ -37,6 +37,7 @@ class EvalSettings:
     grid_size: int = 16
     progress_bar: bool = True
     enabled: bool = True
+    real_images: bool = False  # also score the subject's photos against each other (eval/real_images.py)
 
     @classmethod
     def from_cfg(cls, eval_cfg: DictConfig | Mapping) -> "EvalSettings":
@@ -58,6 +59,7 @@ class EvalSettings:
             batch_size=int(c.get("batch_size", 8)), every_checkpoint=bool(c.get("every_checkpoint", True)),
             base_image_dir=Path(c["base_image_dir"]) if c.get("base_image_dir") else None,
             grid_size=int(c.get("grid_size", 16)), progress_bar=bool(c.get("progress_bar", True)),
+            real_images=bool(c.get("real_images", False)),
         )
 
     def per_prompt(self, protocol: str) -> int | None:
@@ -118,6 +120,10 @@ def check_settings(settings: EvalSettings) -> None:
             raise PersonalizeError(f"eval {kind}s are listed twice: {list(names)}")
     if not settings.metrics:
         raise PersonalizeError(f"eval.metrics is empty: choose from {list(METRIC_NAMES)}")
+    if settings.real_images and not {"clip_i", "dino"} & set(settings.metrics):
+        raise PersonalizeError(f"eval.real_images=true scores the subject's photos against each other with CLIP-I or "
+                               f"DINO, but eval.metrics={list(settings.metrics)} has neither: add clip_i or dino to "
+                               "eval.metrics, or set eval.real_images=false")
     if settings.fid_features not in FID_FEATURES:
         raise PersonalizeError(f"unknown eval.fid_features '{settings.fid_features}': choose from {list(FID_FEATURES)}")
     uses_features = {"fid", "is"} & set(settings.metrics)
