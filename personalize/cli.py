@@ -11,19 +11,29 @@ continues its own run dir (`run_task`, `_interrupted`, `continue_requeued_job`).
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import personalize.help  # noqa: F401 - registers the resolver of every entry point's --help text
 from personalize import signals
 from personalize.config import CONF_DIR as _CONF_DIR
 from personalize.errors import PersonalizeError
-import personalize.help  # noqa: F401 - registers the resolver of every entry point's --help text
+from personalize.io import atomic_write_text
+from personalize.rundir import CONFIG_FILE, FAILED_FILE, resolve_checkpoint, samples_dir
 from personalize.schema import check_template, checked_cli
+
+# Each entry point imports the module of its task inside its main function, and quiet_libraries imports
+# diffusers and transformers when a task runs: `personalize --help` and a bad option's one-line error
+# come back in a fraction of a second, not after the seconds torch, diffusers and lightning take.
 
 CONF_DIR = str(_CONF_DIR)
 log = logging.getLogger("personalize")
@@ -31,9 +41,7 @@ log = logging.getLogger("personalize")
 
 def quiet_libraries() -> None:
     """Keep the console to our own progress: no per-file loading bars or library chatter."""
-    import warnings
-
-    import diffusers
+    import diffusers  # lazy: seconds to import (see above)
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
@@ -46,8 +54,6 @@ def quiet_libraries() -> None:
 
 
 def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return HydraConfig.get().mode.name == "MULTIRUN"
     except ValueError:  # composed outside a Hydra app (tests)
@@ -107,7 +113,7 @@ def _interrupted(cfg: DictConfig, stop: signals.Interrupted) -> None:
       then exits; the requeued job continues this run dir, see `continue_requeued_job`); if the job is
       still here, it ends as `JobInterrupted`, which Hydra records for it while the others go on.
     """
-    from personalize.resume import is_launch_rank_zero
+    from personalize.resume import is_launch_rank_zero  # lazy: personalize.resume imports torch and lightning
 
     run_dir = stop.run_dir or Path(str(cfg.paths.output_dir))
     own_process = _is_multirun() and not _jobs_run_in_this_process()
@@ -131,8 +137,6 @@ def _interrupted(cfg: DictConfig, stop: signals.Interrupted) -> None:
 
 def _jobs_run_in_this_process() -> bool:
     """Whether the multirun's jobs run one after the other in the sweep's own process (basic launcher)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher")
 
 
@@ -145,10 +149,6 @@ def continue_requeued_job(cfg: DictConfig) -> None:
     submitit job (SUBMITIT_FOLDER) or a restarted SLURM job (SLURM_RESTART_COUNT > 0): an ordinary call
     never finds an earlier run in the fresh dir Hydra made for it. An explicit `resume` is left alone.
     """
-    import os
-
-    from personalize.rundir import CONFIG_FILE
-
     if cfg.get("resume") not in (None, False) and str(cfg.resume).lower() not in ("false", "none", "null", ""):
         return
     requeued = bool(os.environ.get("SUBMITIT_FOLDER")) or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
@@ -159,9 +159,6 @@ def continue_requeued_job(cfg: DictConfig) -> None:
 
 
 def _record_failure(cfg: DictConfig, details: str) -> None:
-    from personalize.io import atomic_write_text
-    from personalize.rundir import FAILED_FILE
-
     try:
         atomic_write_text(Path(str(cfg.paths.output_dir)) / FAILED_FILE, details)
     except Exception:  # noqa: BLE001 - the job's own error matters more than a failed note
@@ -170,8 +167,6 @@ def _record_failure(cfg: DictConfig, details: str) -> None:
 
 
 def _free_memory() -> None:
-    import gc
-
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -215,8 +210,6 @@ def remove_unused_run_dir() -> None:
     it holds nothing else; the folder of a run that began (config.yaml, checkpoints/, resume/), a resumed
     run's own dir (never Hydra's dir of this call) and the working directory are never touched.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # not inside a Hydra app
@@ -257,17 +250,18 @@ def train_main(cfg: DictConfig):
 @checked_cli("sample")  # unknown group option / key: one line, exit 2
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def sample_main(cfg: DictConfig):
-    from personalize.rundir import resolve_checkpoint, samples_dir
+    from personalize.devices import resolve_device
     from personalize.sample import sample_checkpoint
 
     def task(cfg):
+        device = resolve_device(cfg.device)  # auto: cuda if a GPU is visible; cuda without one: one line
         for i, template in enumerate(cfg.prompts):  # filled from checkpoint.json: a stray {x} is a KeyError there
             check_template(f"prompts[{i}]", template)
         ckpt = resolve_checkpoint(Path(cfg.run_dir), cfg.step)
         out = Path(cfg.out_dir) if cfg.out_dir else samples_dir(Path(cfg.run_dir)) / f"{ckpt.name}-cli"
         paths = sample_checkpoint(ckpt, list(cfg.prompts), out, num_images=int(cfg.num_images), seed=int(cfg.seed),
                                   steps=int(cfg.steps), guidance_scale=float(cfg.guidance_scale), sampler=str(cfg.sampler),
-                                  device=cfg.device)
+                                  device=device)
         print(f"wrote {len(paths)} images to {out}")
         return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from personalize.rundir import CONFIG_FILE, RESUME_DIR, list_step_dirs, load_run_config
 from personalize.errors import PersonalizeError
@@ -50,8 +51,6 @@ class SafetensorsCheckpointIO(CheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        from safetensors.torch import save_file
-
         tensors: dict[str, torch.Tensor] = {}
         state = _encode(checkpoint, tensors, "")
         with atomic_dir(Path(path)) as tmp:
@@ -59,8 +58,6 @@ class SafetensorsCheckpointIO(CheckpointIO):
             atomic_write_text(tmp / STATE_FILE, json.dumps(state))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / STATE_FILE).exists() or not (path / TENSORS_FILE).exists():
             raise PersonalizeError(f"'{path}' is not a resume state (no {STATE_FILE}/{TENSORS_FILE}): resume from a run dir")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from personalize.io import atomic_save_image
+from personalize.artifacts import load_checkpoint_pipeline
+from personalize.io import atomic_save_image, atomic_write_text
+from personalize.models import make_sampler
 from personalize.rundir import CheckpointInfo, read_info
 
 
@@ -51,10 +53,6 @@ def sample_checkpoint(ckpt_dir: Path, prompt_templates: list[str], out_dir: Path
                       seed: int = 0, steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpm_multistep",
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write `out_dir/pNN_iNN.png` for each prompt × image and a prompts.txt; return the image paths."""
-    from personalize.artifacts import load_checkpoint_pipeline
-    from personalize.io import atomic_write_text
-    from personalize.models import make_sampler
-
     info = read_info(ckpt_dir)
     pipe = make_sampler(load_checkpoint_pipeline(ckpt_dir, dtype=dtype, device=device), sampler)
     prompts = [format_prompt(t, info) for t in prompt_templates]

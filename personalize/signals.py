@@ -29,6 +29,7 @@ This module imports neither torch nor Lightning: the CLI and the tracking code u
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -185,8 +186,6 @@ def mark_interrupted(run_dir: Path, stop: Interrupted) -> Path:
 
 
 def read_interrupted(run_dir: Path) -> dict | None:
-    import json
-
     path = Path(run_dir) / INTERRUPTED_FILE
     if not path.exists():
         return None

@@ -14,22 +14,30 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTokenizer
 
 from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.class_images import ClassImageSpec, ensure_class_images
 from personalize.data import DataSettings, Subject, center_crop_resize, check_init_word, load_subject_photos, open_rgb, to_tensor
 from personalize.devices import device_of, resolve_hardware
-from personalize.io import atomic_write_text
+from personalize.errors import PersonalizeError
+from personalize.eval.evaluate import evaluate_run
+from personalize.eval.publish import print_table
+from personalize.eval.settings import EvalSettings, check_settings
+from personalize.io import atomic_write_text, remove_stale_temps
 from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
+from personalize.methods.token import check_new_token
 from personalize.methods.recipe import overrides as method_overrides
 from personalize.methods.trainables import component_dtypes
 from personalize.rundir import CONFIG_FILE, list_checkpoints, samples_dir
 from personalize.backbones import backbone_for, load_components, load_pipeline
-from personalize.models import resolve_pretrained
-from personalize.resume import SafetensorsCheckpointIO
+from personalize.models import load_pretrained, model_not_available, resolve_pretrained
+from personalize.resume import SafetensorsCheckpointIO, find_run, is_launch_rank_zero, latest_resume_state
+from personalize.sample import sample_checkpoint
+from personalize.schema import check_config, check_run_settings, check_values
 from personalize.tracking import build_logger, finishing_wandb, resolved_config
 
 log = logging.getLogger(__name__)
@@ -67,8 +75,6 @@ def prepare_class_images(cfg: DictConfig, subject: Subject, stages, device, dtyp
         return None
     ci = cfg.class_images
     spec = class_image_spec(cfg, subject)
-    from personalize.resume import is_launch_rank_zero
-
     paths = ensure_class_images(
         spec, int(ci.count), Path(cfg.paths.class_image_dir), lambda: load_pipeline(cfg.model, dtype=dtype),
         batch_size=int(ci.batch_size), device=device, generate=is_launch_rank_zero(),  # other ranks wait for rank 0
@@ -102,10 +108,6 @@ def prepare_run(cfg: DictConfig) -> Run:
     Every check runs before anything is written, so bad input leaves no half-made run behind.
     With `resume` set, the run continues in the earlier run dir from its newest resume state.
     """
-    from personalize.io import remove_stale_temps
-    from personalize.resume import find_run, is_launch_rank_zero, latest_resume_state
-    from personalize.schema import check_config, check_run_settings, check_values
-
     check_config(cfg)  # a typo'd key fails here, not silently ignored
     check_values(cfg)  # every value in its declared range, every prompt template fillable (schema.RULES)
     subject = Subject.from_cfg(cfg.subject)
@@ -166,8 +168,6 @@ def check_model(cfg: DictConfig) -> None:
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:
     """The identifier must be in the training prompt (else nothing learns the subject), and a new token must
     be a valid new word; checked on the tokenizer alone, before class images or the model are loaded."""
-    from personalize.errors import PersonalizeError
-
     identifier = prompts["identifier"]
     if not identifier.strip() or identifier not in prompts["instance"]:
         raise PersonalizeError(
@@ -175,11 +175,6 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
             "keep {identifier} in method.phrase (or {phrase} in method.instance_prompt)"
         )
     if cfg.method.get("new_token"):
-        from transformers import CLIPTokenizer
-
-        from personalize.methods.token import check_new_token
-        from personalize.models import load_pretrained, model_not_available
-
         source = resolve_pretrained(cfg.model)
         tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg.model)
         if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
@@ -236,8 +231,6 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
         if trainer.is_global_zero:
             signals.clear_interrupted(run.run_dir)
     if records:
-        from personalize.eval.publish import print_table
-
         print_table(records, run.run_dir)
     if trainer.is_global_zero:
         for line in end_lines(run.run_dir, str(cfg.task_name)):
@@ -248,8 +241,6 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
 def check_evaluation(cfg: DictConfig) -> None:
     """Validate conf/eval (names, counts, optional extras, cached models) without loading anything."""
     if cfg.get("eval") is not None:
-        from personalize.eval.settings import EvalSettings, check_settings
-
         check_settings(EvalSettings.from_cfg(cfg.eval))
 
 
@@ -265,9 +256,6 @@ def evaluate_checkpoints(cfg: DictConfig, run_dir: Path, device, dtype, logger) 
     """
     if cfg.get("eval") is None or not cfg.eval.get("enabled", True):
         return []
-    from personalize.errors import PersonalizeError
-    from personalize.eval.evaluate import evaluate_run
-
     try:
         return evaluate_run(run_dir, cfg.eval, run_cfg=cfg, device=device, dtype=dtype, logger=logger)
     except PersonalizeError as error:
@@ -284,8 +272,6 @@ def train(cfg: DictConfig) -> Run:
 
 def write_samples(cfg: DictConfig, run_dir: Path, device, dtype, logger) -> list[Path]:
     """Sample from the last checkpoint through the stock pipeline: proves the artifacts load and work."""
-    from personalize.sample import sample_checkpoint
-
     last = list_checkpoints(run_dir)[-1]
     s = cfg.samples
     paths = sample_checkpoint(

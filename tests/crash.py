@@ -21,11 +21,9 @@ def die() -> None:
 
 
 def kill_in_resume_save(step: int) -> None:
-    import safetensors.torch
+    import personalize.resume as resume  # its SafetensorsCheckpointIO writes through resume.save_file
 
-    from personalize.resume import SafetensorsCheckpointIO
-
-    save_checkpoint, save_file = SafetensorsCheckpointIO.save_checkpoint, safetensors.torch.save_file
+    save_checkpoint, save_file = resume.SafetensorsCheckpointIO.save_checkpoint, resume.save_file
 
     def half_then_die(tensors, filename, metadata=None):
         save_file(dict(list(tensors.items())[: len(tensors) // 2]), filename)
@@ -33,10 +31,10 @@ def kill_in_resume_save(step: int) -> None:
 
     def save(self, checkpoint, path, storage_options=None):
         if checkpoint["global_step"] == step:
-            safetensors.torch.save_file = half_then_die
+            resume.save_file = half_then_die
         return save_checkpoint(self, checkpoint, path, storage_options)
 
-    SafetensorsCheckpointIO.save_checkpoint = save
+    resume.SafetensorsCheckpointIO.save_checkpoint = save
 
 
 def kill_in_class_image(index: int) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -76,3 +81,13 @@ def test_dtype_names_and_aliases():
         resolve_dtype("half")
     assert [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
     assert dtype_name(torch.float64) == "torch.float64"
+
+
+def test_personalize_sample_asks_for_a_missing_gpu_in_one_line(tmp_path):
+    """personalize-sample resolves `device` like personalize-edit, before it looks for the checkpoint."""
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # also on a GPU machine
+    result = subprocess.run([str(Path(sys.executable).parent / "personalize-sample"), f"run_dir={tmp_path}", "device=cuda:0"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=no_gpu)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: device=cuda:0 but no CUDA GPU is available: use device=cpu (or auto)")

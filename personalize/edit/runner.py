@@ -21,18 +21,20 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image, UnidentifiedImageError
 
+from personalize.artifacts import load_checkpoint_pipeline
 from personalize.devices import resolve_device, resolve_dtype
+from personalize.edit.editor import EditSettings, build_controller, edit_image, save_attention_maps, save_side_by_side
+from personalize.edit.inversion import convert_prompt, decode_latents, encode_image
 from personalize.errors import PersonalizeError
+from personalize.io import atomic_save_image, atomic_write_json
 from personalize.rundir import CHECKPOINTS_DIR, CheckpointInfo, load_run_config, read_info, resolve_checkpoint
-
-if TYPE_CHECKING:
-    from PIL import Image
+from personalize.tracking import finishing_wandb, resolved_config
 
 log = logging.getLogger("personalize.edit")
 
@@ -56,8 +58,6 @@ def fill(template: str, info: dict, what: str = "prompt") -> str:
 
 def settings_from_config(edit_cfg, info: dict):
     """`EditSettings` from the `edit` config group (same keys), templates filled from `info`."""
-    from personalize.edit.editor import EditSettings
-
     values = OmegaConf.to_container(edit_cfg, resolve=True) if isinstance(edit_cfg, DictConfig) else dict(edit_cfg)
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditSettings)})
     if unknown:
@@ -93,9 +93,7 @@ def check_prompts(source: str, target: str, mode: str) -> None:
             f"has {len(target.split())}: give the prompts as many words, or use edit=refine (or edit.mode=auto)")
 
 
-def open_photo(path) -> "Image.Image":
-    from PIL import Image, UnidentifiedImageError
-
+def open_photo(path) -> Image.Image:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PersonalizeError(f"image '{path}' does not exist: pass image=<path to a photo>, or image=null to "
@@ -161,7 +159,7 @@ def _with_output_dir(cfg: DictConfig, out_dir: Path) -> DictConfig:
 
 
 def _log_to_wandb(cfg: DictConfig, info: CheckpointInfo, out_dir: Path, record: dict) -> None:
-    import wandb
+    import wandb  # optional, and only for logger=wandb*: an edit without W&B never loads it
 
     os.environ.setdefault("WANDB_SILENT", "true")
     group = str(cfg.group) if cfg.get("group") else run_group(record["run_dir"])
@@ -199,12 +197,6 @@ def check_backbone(ckpt: Path, info: CheckpointInfo) -> None:
 
 def run_edit(cfg: DictConfig) -> Path:
     """The whole `personalize-edit` job; returns the folder the results went to."""
-    from personalize.artifacts import load_checkpoint_pipeline
-    from personalize.edit.editor import build_controller, edit_image, save_attention_maps, save_side_by_side
-    from personalize.edit.inversion import convert_prompt
-    from personalize.io import atomic_save_image, atomic_write_json
-    from personalize.tracking import finishing_wandb, resolved_config
-
     started = time.perf_counter()
     if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:
         raise PersonalizeError("pass run_dir=<a run folder written by `personalize`>, e.g. "
@@ -255,8 +247,6 @@ def run_edit(cfg: DictConfig) -> Path:
 
     vae_psnr = None
     if photo is not None:  # the best any reconstruction can do: the photo through the VAE and back
-        from personalize.edit.inversion import decode_latents, encode_image
-
         z0 = encode_image(pipe, photo, result.source.height, result.source.width)
         vae_psnr = psnr(result.source, decode_latents(pipe, z0)[0])
     record = {
