@@ -278,3 +278,155 @@ def test_report_cli_on_the_smoke_sweep_has_every_cell_with_the_paper_beside(tmp_
     assert (folder / "metrics_vs_step.png").stat().st_size > 10_000
     # the plot went to W&B too (offline here): a report run of the sweep's group, with the image
     assert list(folder.glob("wandb/offline-run-*/files/media/images/report/metrics_vs_step*.png"))
+
+
+# --------------------------------------------------------------------- real images, setup, paper rows
+
+
+def add_real_images(run: Path, **values: float) -> None:
+    """The record eval.real_images appends (personalize/eval/real_images.py): step 0, protocol real_images."""
+    record = {"step": 0, "stage": None, "stage_step": None, "protocol": "real_images", "references": "subject",
+              "num_images": 5, "key": "r1", "spec": {"protocol": "real_images"}, **values}
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def ruiz_runs(tmp_path):
+    """dreambooth and textual_inversion on three subjects; dog2's runs have no real-images record, and cat's
+    two runs carry slightly different ones (the row averages a subject's runs before the subjects)."""
+    sweep = tmp_path / "train" / "multiruns" / "ruiz2023_table1" / "2026-01-01_00-00-00"
+    real = {("dreambooth", "dog"): (0.70, 0.86), ("textual_inversion", "dog"): (0.70, 0.86),
+            ("dreambooth", "cat"): (0.80, 0.90), ("textual_inversion", "cat"): (0.82, 0.92)}
+    for method in ("dreambooth", "textual_inversion"):
+        for subject in ("dog", "cat", "dog2"):
+            run = make_run(sweep, method, subject, group="ruiz2023_table1", protocols=("dreambooth",),
+                           name=f"0_{method}-{subject}-s0")
+            if (method, subject) in real:
+                dino, clip_i = real[(method, subject)]
+                add_real_images(run, dino=dino, clip_i=clip_i)
+    return tmp_path
+
+
+def ruiz_cfg(tmp_path, *overrides):
+    return report_cfg(tmp_path, "table.subjects=[dog,cat,dog2]", *overrides, experiment="ruiz2023_table1")
+
+
+def test_real_images_row_is_the_mean_per_subject_then_over_subjects_beside_the_paper(ruiz_runs):
+    report = make_report(ruiz_cfg(ruiz_runs))
+    # the record is no checkpoint's: no step is selected for it, and the methods' cells are unchanged
+    assert all(run.real_images is None or run.real_images["step"] == 0 for run in report.runs)
+    assert "real_images" not in set(report.by_step.protocol) and report.complete
+    expected = {"dino": (0.70 + (0.80 + 0.82) / 2) / 2, "clip_i": (0.86 + (0.90 + 0.92) / 2) / 2}
+    row = report.real_images.set_index("metric")
+    assert list(row.column) == ["DINO", "CLIP-I"]  # the table's columns with a real-images value, in its order
+    for metric, value in expected.items():
+        assert math.isclose(row.ours[metric], value) and row.n[metric] == 2 and row.expected[metric] == 3
+    assert (row.paper["dino"], row.paper["clip_i"]) == (0.774, 0.885)
+    dino, clip_i, clip_t = [c.strip() for c in next(line for line in report.markdown.splitlines()
+                                                    if line.startswith("| real images |")).strip("|").split("|")[1:]]
+    assert (dino, clip_i, clip_t) == (f"{expected['dino']:.3f} (2/3) / 0.774", f"{expected['clip_i']:.3f} (2/3) / 0.885", "—")
+    assert "| subject |" in report.markdown and "real images DINO | real images CLIP-I |" in report.markdown
+    # the paper's rows by their own names, ours beside them; its Imagen row as reference
+    assert report.markdown.count("| dreambooth (paper: dreambooth_sd) |") == 1
+    assert cell(report, "textual_inversion", "CLIP-T").paper == 0.255
+    assert "the paper's row dreambooth_imagen has no method here (reference only): DINO 0.696, CLIP-I 0.812, " \
+           "CLIP-T 0.306" in report.markdown
+
+    paths = write_report(report, ruiz_runs / "out")
+    table = pd.read_csv(paths["table"])
+    real = table[table.method == "real_images"].set_index("metric")
+    assert math.isclose(real.ours["dino"], expected["dino"]) and real.paper["clip_i"] == 0.885
+    subjects = pd.read_csv(paths["subjects"])
+    cat = subjects[(subjects.method == "real_images") & (subjects.subject == "cat")].set_index("metric")
+    assert math.isclose(cat.value["dino"], 0.81) and cat.seeds["dino"] == 2  # the subject's two runs, averaged
+    assert set(subjects[subjects.method == "real_images"].subject) == {"dog", "cat"}
+
+
+def test_real_images_row_without_records(zeng_runs, ruiz_runs):
+    # a table with CLIP-I/DINO columns whose runs have no record and whose paper has no such row: a note says how
+    zeng = make_report(three_subject_cfg(zeng_runs))
+    assert zeng.real_images.empty and "| real images |" not in zeng.markdown
+    assert "not evaluated in these runs: set eval.real_images=true" in zeng.markdown
+    assert "real_images" not in set(zeng.table.method)
+    # the paper has the row: it shows, ours missing
+    for run in (ruiz_runs / "train").rglob("metrics.jsonl"):
+        run.write_text("".join(line + "\n" for line in run.read_text().splitlines() if '"real_images"' not in line))
+    ruiz = make_report(ruiz_cfg(ruiz_runs))
+    row = next(line for line in ruiz.markdown.splitlines() if line.startswith("| real images |"))
+    assert row == "| real images | — / 0.774 | — / 0.885 | — |"
+    # a table without CLIP-I or DINO (Jindal's): neither row nor note
+    jindal = tmp_jindal(zeng_runs)
+    assert jindal.real_images.empty and "real images" not in jindal.markdown
+
+
+def tmp_jindal(root: Path):
+    for method in ("textual_inversion", "finetune", "lora"):
+        run = make_run(root / "train" / "runs", method, "dog", group="jindal2023_table1", steps=(800,),
+                       protocols=("jindal",), metrics=())
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 800, "stage_step": 800, "protocol": "jindal",
+                                                       "key": "k", "clip_score": 30.0, "fid": 100.0, "is": 1.6}) + "\n")
+    return make_report(report_cfg(root, experiment="jindal2023_table1"))
+
+
+def test_the_report_says_which_setup_its_table_comes_from(tmp_path):
+    text = tmp_jindal(tmp_path)
+    assert "Setup: the paper's text: batch 2, regular fine-tuning without prior loss" in text.markdown
+    for method in ("textual_inversion", "dreambooth", "lora"):  # the authors' code: their finetune was DreamBooth
+        run = make_run(tmp_path / "train" / "code", method, "dog", group="jindal2023_table1_code", steps=(801,),
+                       protocols=("jindal",), metrics=())
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 801, "stage_step": 801, "protocol": "jindal",
+                                                       "key": "k", "clip_score": 29.0, "fid": 90.0, "is": 1.7}) + "\n")
+    code = make_report(report_cfg(tmp_path, experiment="jindal2023_table1_code"))
+    setup = compose("train", ["experiment=jindal2023_table1_code"], output_dir="/unused").table.setup
+    assert setup.startswith("the authors' released code") and f"Setup: {setup}" in code.markdown
+    assert "| dreambooth (paper: finetune) | 29.000 / 30.144 | 90.000 / 0.030 | 1.700 / 1.777 |" in code.markdown
+    assert cell(code, "dreambooth", "CLIP score").paper == 30.1439 and code.complete
+    assert set(code.table.setup) == {setup}  # table.csv and the W&B table carry it in every row
+    assert "has no method here" not in code.markdown  # every paper row has ours beside it
+    with pytest.raises(PersonalizeError, match=r"table.paper_rows names \['finetune'\], which table.methods="):
+        make_report(report_cfg(tmp_path, "+table.paper_rows.finetune=x", experiment="jindal2023_table1_code"))
+
+
+def test_the_page_shows_the_setup_and_the_real_images_row(ruiz_runs):
+    from personalize.report.page import PageSettings, render_page
+
+    report = make_report(ruiz_cfg(ruiz_runs))
+    page = render_page(report, None, PageSettings(path=None, protocol="dreambooth"))
+    setup = report.spec.setup.replace("'", "&#x27;")
+    assert f'<p class="meta" id="setup">Setup: {setup}</p>' in page
+    row = page[page.index('<tr data-method="real_images">'):]
+    row = row[:row.index("</tr>")]
+    value = report.real_images.set_index("metric").ours["dino"]
+    assert f'>{value:.3f} <span class="n">(2/3)</span></td><td class="paper">0.774</td>' in row
+    assert row.endswith('<td class="ours">&#8212;</td><td class="paper">&#8212;</td>')  # CLIP-T has none
+    assert '<th class="row">dreambooth (paper: dreambooth_sd)</th>' in page
+    assert "<th>real images<br>DINO</th>" in page
+
+
+def test_wandb_source_keeps_the_real_images_record_apart():
+    class FakeRun:
+        id, job_type, state, updated_at = "a", "train", "finished", "2026-01-01T00:00:00"
+        config = {"method": {"name": "dreambooth", "stages": {"unet": {"steps": 800}}}, "subject": {"name": "dog"}}
+
+        def scan_history(self):
+            return iter([{"eval/real_images/dino": 0.7, "eval/real_images/clip_i": 0.85, "trainer/global_step": 0},
+                         {"eval/dreambooth/dino": 0.6, "trainer/global_step": 800}])
+
+    class FakeApi:
+        def runs(self, path, filters):
+            return [FakeRun()]
+
+    (run,) = find_wandb_runs("personalize", "ruiz2023_table1", api=FakeApi())
+    assert [(r["step"], r["protocol"]) for r in run.records] == [(800, "dreambooth")]
+    assert (run.real_images["dino"], run.real_images["clip_i"]) == (0.7, 0.85)
+
+
+def test_paper_tables_copy_equals_the_shared_file():
+    shared = PROJECT_ROOT.parent / "shared" / "protocols" / "paper_tables.yaml"
+    if not shared.exists():
+        pytest.skip(f"{shared} is not on this machine: only the shipped copy is")
+    ours = load_paper_tables(PROJECT_ROOT / "experiments" / "paper_tables.yaml")
+    assert ours == yaml.safe_load(shared.read_text())
+    assert ours["ruiz2023_table1"]["rows"]["real_images"] == {"diverse": {"dino": 0.774, "clip_i": 0.885}}
+    assert "Subject2Subject" in ours["jindal2023_table1"]["authors_code"]

@@ -18,8 +18,9 @@ from personalize.methods.stages import parse_stages
 from personalize.schema import check_config, group_options
 from tests import sweeps
 
-EXPERIMENTS = ["zeng2023_table1", "zeng2023_table1_smoke", "jindal2023_table1", "jindal2023_table1_smoke"]
-SMOKE_OF = {"zeng2023_table1": "zeng2023_table1_smoke", "jindal2023_table1": "jindal2023_table1_smoke"}
+SMOKE_OF = {"zeng2023_table1": "zeng2023_table1_smoke", "jindal2023_table1": "jindal2023_table1_smoke",
+            "jindal2023_table1_code": "jindal2023_table1_code_smoke", "ruiz2023_table1": "ruiz2023_table1_smoke"}
+EXPERIMENTS = [name for full in SMOKE_OF for name in (full, SMOKE_OF[full])]
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +50,11 @@ def job_overrides(experiment: str) -> list[list[str]]:
 
 
 def _cell(job: list[str]) -> tuple[str, str]:
-    """(method, subject) of a job from its overrides (jindal2023_table1_smoke picks the method by a variant)."""
+    """(method, subject) of a job from its overrides (jindal2023_table1_smoke and others pick the method by a
+    per-method file, +experiment/<experiment>/<method>.yaml, named after the method)."""
     values = dict(o.split("=", 1) for o in job)
-    method = values.get("method") or values.get("+experiment/jindal2023_table1_smoke@_global_")
-    return method, values.get("subject", "dog")
+    variant = next((v for k, v in values.items() if k.startswith("+experiment/") and k.endswith("@_global_")), None)
+    return values.get("method") or variant, values.get("subject", "dog")
 
 
 def compose_job(experiment: str, overrides: list[str]):

@@ -13,6 +13,12 @@ evaluation writes, one per checkpoint x protocol.
 Steps are compared as *stage steps* of each method's last stage (`stage_step` in the records): two_stage's
 global steps 300..900 are its fine-tuning steps 200..800, the steps DreamBooth calls 200..800.
 
+A table's `setup` (which setup its runs follow: the paper's text, the authors' code) is said under its
+title and in the CSV; `paper_rows` puts a method beside a paper row of another name (Jindal's finetune row
+beside the authors' DreamBooth). Every table with a CLIP-I or DINO column gets the "real images" row, the
+subject's photos scored against each other (the evaluation's `real_images` record, eval.real_images=true),
+beside the paper's where it has one; a paper row no method stands beside is listed as reference.
+
 Nothing is averaged away silently: a subject without a value (no run, a failed run, a run not evaluated,
 a step or protocol missing) makes its cell say "n/N" and is listed under "Missing" with the reason.
 

@@ -57,7 +57,8 @@ def log_to_wandb(cfg: DictConfig, report: Report, paths: dict[str, Path]) -> Non
                          job_type="report", name=f"report-{cfg.group}", dir=str(paths["markdown"].parent),
                          mode="offline" if cfg.logger.mode == "offline" else "online",
                          tags=["report", report.spec.name], config={"table": report.spec.name,
-                                                                     "selection": report.spec.describe_selection()},
+                                                                     "selection": report.spec.describe_selection(),
+                                                                     "setup": report.spec.setup},
                          reinit=True)
         payload: dict[str, Any] = {"report/table": wandb.Table(dataframe=report.table.astype({"selection": str})),
                                    "report/subjects": wandb.Table(dataframe=report.subjects.astype(str))}

@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_write_text
 from personalize.report.runs import RunInfo
+from personalize.report.spec import REAL_IMAGES_ROW
 from personalize.rundir import GRID_FILE, SPEC_FILE, eval_dir, parse_image_name, step_name
 
 if TYPE_CHECKING:  # tables.py renders the markdown; the page only reads a built Report
@@ -299,14 +300,22 @@ def _paper_table(report: "Report") -> str:
         else:
             head1.append(f"<th>{_e(column.label)}</th>")
     rows = []
-    for method in spec.methods:
-        cells = [f'<th class="row">{_e(method)}</th>']
+    real = report.real_images
+    # the methods, then the real-images row (the subject's photos against each other) where it is shown
+    for method, frame in [(m, report.table) for m in spec.methods] + ([(REAL_IMAGES_ROW, real)] if len(real) else []):
+        label = "real images" if method == REAL_IMAGES_ROW else spec.method_label(method)
+        cells = [f'<th class="row">{_e(label)}</th>']
         for column in spec.columns:
-            part = report.table[(report.table.method == method) & (report.table.column == column.label)]
+            part = frame[frame.column == column.label]
+            if method != REAL_IMAGES_ROW:
+                part = part[part.method == method]
+            elif part.empty:  # a metric without a real-images value (CLIP-T, FID, ...)
+                cells.append(f'<td class="ours">{_e(_UNSET)}</td>' + (f'<td class="paper">{_e(_UNSET)}</td>' if with_paper else ""))
+                continue
             cell = part.iloc[0] if len(part) else None
             ours = _fmt(None if cell is None else cell.ours)
             n, expected = (0, len(spec.subjects)) if cell is None else (int(cell.n), int(cell.expected))
-            short = f' <span class="n">({n}/{expected})</span>' if n < expected else ""
+            short = f' <span class="n">({n}/{expected})</span>' if n < expected and (n or method != REAL_IMAGES_ROW) else ""
             tip = f"mean over {n} of {expected} subject(s)"
             if cell is not None and n > 1:
                 tip += f", std {_fmt(cell.ours_std)}"
@@ -321,8 +330,10 @@ def _paper_table(report: "Report") -> str:
 
 def _subject_table(report: "Report") -> str:
     spec = report.spec
-    head = ['<th class="row">subject</th>'] + [f"<th>{_e(m)}<br>{_e(c.label)}</th>" for m in spec.methods
-                                               for c in spec.columns]
+    real_columns = list(report.real_images.column)
+    head = (['<th class="row">subject</th>'] + [f"<th>{_e(m)}<br>{_e(c.label)}</th>" for m in spec.methods
+                                                for c in spec.columns]
+            + [f"<th>real images<br>{_e(label)}</th>" for label in real_columns])
     rows = []
     for subject in spec.subjects:
         cells = [f'<th class="row">{_e(subject)}</th>']
@@ -332,6 +343,10 @@ def _subject_table(report: "Report") -> str:
                                        & (report.subjects.column == column.label)]
                 text = _UNSET if part.empty else f"{_fmt(part.value.iloc[0])} @{part.stage_step.iloc[0]}"
                 cells.append(f"<td>{_e(text)}</td>")
+        for label in real_columns:
+            part = report.subjects[(report.subjects.method == REAL_IMAGES_ROW) & (report.subjects.subject == subject)
+                                   & (report.subjects.column == label)]
+            cells.append(f"<td>{_e(_UNSET if part.empty else _fmt(part.value.iloc[0]))}</td>")
         rows.append(f'<tr data-subject="{_e(subject)}">{"".join(cells)}</tr>')
     return (f'<table id="subject-table" class="results"><thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
@@ -411,6 +426,8 @@ def render_page(report: "Report", plot: Path | None, settings: PageSettings) -> 
            f"<h1>{_e(spec.name)}</h1>"]
     if paper.get("source"):
         out.append(f'<p class="meta">{_e(paper["source"])}</p>')
+    if spec.setup:
+        out.append(f'<p class="meta" id="setup">Setup: {_e(spec.setup)}</p>')
     out.append(f'<p class="meta">W&amp;B group <code>{_e(report.group)}</code>; runs from '
                f"{_e(', '.join(report.sources) or 'the given runs')}.</p>")
     out.append(f'<p class="meta">Checkpoint: {_e(spec.describe_selection())}. Ours is the mean over '

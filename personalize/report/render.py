@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from personalize.io import atomic_write_text
+from personalize.report.spec import REAL_IMAGES_ROW
 
 if TYPE_CHECKING:  # tables.py builds a Report and renders it here
     from personalize.report.tables import Report
@@ -38,6 +39,8 @@ def render_markdown(report: Report) -> str:
     out = [f"# {spec.name}"]
     if paper.get("source"):
         out.append(f"{paper['source']}")
+    if spec.setup:
+        out.append(f"Setup: {spec.setup}")
     out.append("")
     out.append(f"W&B group / run group `{report.group}`; runs from {', '.join(report.sources) or 'nowhere'}.")
     models = sorted({r.base_model for r in report.runs if r.base_model})
@@ -49,12 +52,23 @@ def render_markdown(report: Report) -> str:
     header = ["method"] + [c.label for c in spec.columns]
     rows = []
     for method in spec.methods:
-        row = [method]
+        row = [spec.method_label(method)]
         for column in spec.columns:
             cell = report.table[(report.table.method == method) & (report.table.column == column.label)].iloc[0]
             ours = _fmt(cell.ours)
             if cell.n < cell.expected:
                 ours += f" ({cell.n}/{cell.expected})"
+            row.append(f"{ours} / {_fmt(cell.paper)}" if spec.paper else ours)
+        rows.append(row)
+    if not report.real_images.empty:  # the ceiling: the subject's photos against each other
+        row = ["real images"]
+        for column in spec.columns:
+            part = report.real_images[report.real_images.column == column.label]
+            if part.empty:  # a metric without a real-images value (CLIP-T, FID, ...)
+                row.append(_UNSET)
+                continue
+            cell = part.iloc[0]
+            ours = _fmt(cell.ours) + (f" ({cell.n}/{cell.expected})" if 0 < cell.n < cell.expected else "")
             row.append(f"{ours} / {_fmt(cell.paper)}" if spec.paper else ours)
         rows.append(row)
     out.append(_md_table(header, rows))
@@ -64,7 +78,9 @@ def render_markdown(report: Report) -> str:
         out += ["", f"Note: {note}"]
 
     out += ["", "## Per subject", "", "Each cell: value @ stage step of the selected checkpoint.", ""]
-    header = ["subject"] + [f"{m} {c.label}" for m in spec.methods for c in spec.columns]
+    real_columns = list(report.real_images.column)
+    header = (["subject"] + [f"{m} {c.label}" for m in spec.methods for c in spec.columns]
+              + [f"real images {label}" for label in real_columns])
     rows = []
     for subject in spec.subjects:
         row = [subject]
@@ -73,6 +89,10 @@ def render_markdown(report: Report) -> str:
                 part = report.subjects[(report.subjects.method == method) & (report.subjects.subject == subject)
                                        & (report.subjects.column == column.label)]
                 row.append(_UNSET if part.empty else f"{_fmt(part.value.iloc[0])} @{part.stage_step.iloc[0]}")
+        for label in real_columns:
+            part = report.subjects[(report.subjects.method == REAL_IMAGES_ROW) & (report.subjects.subject == subject)
+                                   & (report.subjects.column == label)]
+            row.append(_UNSET if part.empty else _fmt(part.value.iloc[0]))
         rows.append(row)
     out.append(_md_table(header, rows))
 
@@ -136,6 +156,9 @@ def plot_steps(report: Report, path: Path) -> Path | None:
                 paper = report.spec.paper_value(method, column) if column else None
                 if paper is not None:
                     ax.axhline(paper, color=colors[method], linestyle="--", linewidth=1, label=f"{method}: paper")
+            ceiling = report.real_images[report.real_images.metric == metric].ours.dropna()
+            if len(ceiling):  # the real-images row: the photos against each other
+                ax.axhline(float(ceiling.iloc[0]), color="black", linestyle="-.", linewidth=1, label="real images")
             if report.spec.fixed_step is not None:
                 ax.axvline(report.spec.fixed_step, color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{protocol} / {metric}", fontsize=10)

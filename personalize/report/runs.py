@@ -18,6 +18,7 @@ from personalize.rundir import (
     CONFIG_FILE,
     FAILED_FILE,
     HYDRA_CONFIG_FILE,
+    REAL_IMAGES_PROTOCOL,
     RUN_SUBDIRS,
     current_records,
     load_run_config,
@@ -44,7 +45,8 @@ class RunInfo:
     status: str  # ok | failed | not evaluated | incomplete
     error: str | None = None
     mtime: float = 0.0
-    records: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # one per checkpoint x protocol
+    real_images: dict | None = None  # the record of the subject's photos scored against each other (eval.real_images)
     source: str = "local"
     subject_dir: str | None = None  # the subject's photos, as the run's config names them (the HTML page shows them)
     base_model: str | None = None  # what it trained on, with provenance (describe_base_model)
@@ -108,7 +110,7 @@ def read_run(run_dir: Path) -> RunInfo | None:
     )
     failed = run_dir / FAILED_FILE
     info.mtime = max(p.stat().st_mtime for p in (config_path, metrics_path(run_dir), failed) if p.exists())
-    info.records = current_records(read_records(run_dir))
+    info.records, info.real_images = split_real_images(current_records(read_records(run_dir)))
     start = last_stage_start(config)
     for record in info.records:
         if record.get("stage_step") is None and start is not None:
@@ -121,6 +123,13 @@ def read_run(run_dir: Path) -> RunInfo | None:
     elif checkpoints.is_dir() and any(checkpoints.iterdir()):
         info.status = "not evaluated"
     return info
+
+
+def split_real_images(records: list[dict]) -> tuple[list[dict], dict | None]:
+    """(the checkpoints' records, the run's real-images record or None): the latter is no checkpoint's, so
+    no step is selected for it; the report shows it as the row above the methods."""
+    real = [r for r in records if r.get("protocol") == REAL_IMAGES_PROTOCOL]
+    return [r for r in records if r.get("protocol") != REAL_IMAGES_PROTOCOL], (real[-1] if real else None)
 
 
 def describe_base_model(model: dict | None) -> str | None:
@@ -182,7 +191,7 @@ def find_wandb_runs(project: str, group: str, entity: str | None = None, api=Non
         subject = (config.get("subject") or {}).get("name")
         seed = config.get("seed")
         start = last_stage_start(config)
-        records = _wandb_records(run.scan_history(), method, subject, start)
+        records, real_images = split_real_images(_wandb_records(run.scan_history(), method, subject, start))
         state = getattr(run, "state", "finished")
         status = "ok" if records else ("failed" if state in ("failed", "crashed") else
                                        "incomplete" if state == "running" else "not evaluated")
@@ -191,7 +200,8 @@ def find_wandb_runs(project: str, group: str, entity: str | None = None, api=Non
             run_dir=f"wandb://{path}/{run.id}", group=group, method=method, subject=subject,
             seed=int(seed) if isinstance(seed, int) else None, status=status,
             error=f"W&B state {state}" if status == "failed" else None,
-            mtime=pd.Timestamp(stamp).timestamp() if stamp else 0.0, records=records, source="wandb",
+            mtime=pd.Timestamp(stamp).timestamp() if stamp else 0.0, records=records, real_images=real_images,
+            source="wandb",
             subject_dir=_subject_dir(config), base_model=describe_base_model(config.get("model")),
         ))
     return runs

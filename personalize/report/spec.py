@@ -4,7 +4,7 @@ value), which methods and subjects, which checkpoint counts; from an experiment'
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,7 +12,7 @@ import yaml
 from omegaconf import DictConfig
 
 from personalize.errors import PersonalizeError
-from personalize.rundir import metric_names
+from personalize.rundir import REAL_IMAGES_PROTOCOL, metric_names
 
 if TYPE_CHECKING:  # runs.py reads runs; a spec only looks at their records
     from personalize.report.runs import RunInfo
@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # runs.py reads runs; a spec only looks at their records
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"fid"}
+# The row of the subject's photos scored against each other (eval.real_images): its name in our table and CSV,
+# and in paper_tables.yaml where a paper has one (Ruiz et al.'s "Real Images")
+REAL_IMAGES_ROW = REAL_IMAGES_PROTOCOL
 
 
 
@@ -46,6 +49,19 @@ class TableSpec:
     selection: str = "best"  # best | last | <stage step>
     select_by: str = "clip_i"  # metric that picks the best checkpoint, or "each" (every metric its own best)
     paper: dict | None = None  # the paper's entry of paper_tables.yaml (source, rows, note)
+    # which setup the runs follow, said under the title (Jindal's table: the paper's text or the authors' code)
+    setup: str | None = None
+    # our method -> its row in the paper's table where the names differ (Ruiz: dreambooth -> dreambooth_sd)
+    paper_rows: dict[str, str] = field(default_factory=dict)
+
+    def paper_row(self, method: str) -> str:
+        """The paper's row that `method` stands beside."""
+        return self.paper_rows.get(method, method)
+
+    def method_label(self, method: str) -> str:
+        """How a method's row is named: "dreambooth (paper: finetune)" where the paper's row has another name."""
+        row = self.paper_row(method)
+        return method if row == method or not self.paper else f"{method} (paper: {row})"
 
     @property
     def fixed_step(self) -> int | None:
@@ -64,7 +80,7 @@ class TableSpec:
     def paper_value(self, method: str, column: Column) -> float | None:
         if not self.paper or not column.paper:
             return None
-        node: Any = (self.paper.get("rows") or {}).get(method)
+        node: Any = (self.paper.get("rows") or {}).get(self.paper_row(method))
         for part in column.paper.split("."):
             if not isinstance(node, dict) or part not in node:
                 return None
@@ -106,10 +122,18 @@ def spec_from_cfg(cfg: DictConfig) -> TableSpec | None:
     columns = [Column(str(c.label), str(c.protocol), str(c.metric), None if c.get("paper") is None else str(c.paper))
                for c in table.columns]
     steps = rep.get("steps")
+    methods = [str(m) for m in table.methods]
+    paper_rows = {str(k): str(v) for k, v in (table.get("paper_rows") or {}).items()}
+    strays = sorted(set(paper_rows) - set(methods))
+    if strays:
+        raise PersonalizeError(f"table.paper_rows names {strays}, which table.methods={methods} does not have: "
+                               f"map methods of the table to the paper's rows, e.g. {{{methods[0]}: <row>}}")
+    setup = table.get("setup")
     return TableSpec(
-        name=str(table.name), methods=[str(m) for m in table.methods], subjects=[str(s) for s in table.subjects],
+        name=str(table.name), methods=methods, subjects=[str(s) for s in table.subjects],
         columns=columns, steps=None if steps is None else [int(s) for s in steps],
         selection=selection, select_by=select_by, paper=paper,
+        setup=None if setup in (None, "") else " ".join(str(setup).split()), paper_rows=paper_rows,
     )
 
 

@@ -4,15 +4,15 @@ subject, means over subjects beside the paper's, the values by checkpoint step, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import pandas as pd
 
 from personalize.report.render import render_markdown
 from personalize.report.runs import RunInfo, choose_runs
-from personalize.report.spec import LOWER_IS_BETTER, Column, TableSpec
-from personalize.rundir import metric_names
+from personalize.report.spec import LOWER_IS_BETTER, REAL_IMAGES_ROW, Column, TableSpec
+from personalize.rundir import REAL_IMAGES_METRICS, metric_names
 
 
 def records_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
@@ -71,6 +71,64 @@ def select_checkpoints(frame: pd.DataFrame, spec: TableSpec) -> tuple[pd.DataFra
 
 
 
+REAL_IMAGES_COLUMNS = ["column", "protocol", "metric", "ours", "ours_std", "n", "expected", "paper"]
+
+
+def real_images_row(spec: TableSpec, runs: Iterable[RunInfo]) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    """The "real images" row, one entry per column whose metric has a real-images value (CLIP-I, DINO): per
+    subject the real-images record's value (the mean over that subject's runs, which share its photos), then
+    the mean over subjects, beside the paper's real-images row. Also its per-subject rows (the `subjects`
+    frame's columns) and the notes that say what it is, or how to get it where no run has it.
+
+    Empty where the table has no such column, or where no run has the record and the paper has no such row."""
+    columns = [c for c in spec.columns if c.metric in REAL_IMAGES_METRICS]
+    empty = pd.DataFrame(columns=REAL_IMAGES_COLUMNS)
+    if not columns:
+        return empty, [], []
+    values: dict[tuple[str, str], list[float]] = {}  # (subject, metric) -> its runs' values
+    for run in runs:
+        if run.real_images and run.subject in spec.subjects:
+            for metric in REAL_IMAGES_METRICS:
+                if run.real_images.get(metric) is not None:
+                    values.setdefault((run.subject, metric), []).append(float(run.real_images[metric]))
+    per_subject = {key: sum(v) / len(v) for key, v in values.items()}
+    if not per_subject and not any(spec.paper_value(REAL_IMAGES_ROW, c) is not None for c in columns):
+        return empty, [], [
+            "real images (the subject's photos scored against each other, the ceiling of CLIP-I and DINO) were not "
+            "evaluated in these runs: set eval.real_images=true, or add them to a finished run in seconds with "
+            "`personalize-eval run_dir=<run> eval.real_images=true`"]
+    rows, subject_rows = [], []
+    for column in columns:
+        mine = pd.Series([per_subject[(s, column.metric)] for s in spec.subjects if (s, column.metric) in per_subject],
+                         dtype=float)
+        rows.append(dict(column=column.label, protocol=column.protocol, metric=column.metric,
+                         ours=float(mine.mean()) if len(mine) else None,
+                         ours_std=float(mine.std(ddof=0)) if len(mine) else None, n=int(len(mine)),
+                         expected=len(spec.subjects), paper=spec.paper_value(REAL_IMAGES_ROW, column)))
+        subject_rows += [dict(method=REAL_IMAGES_ROW, subject=s, column=column.label, protocol=column.protocol,
+                              metric=column.metric, value=per_subject[(s, column.metric)],
+                              # seeds: the runs averaged; no checkpoint's ("", so the column stays whole numbers)
+                              seeds=len(values[(s, column.metric)]), stage_step="")
+                         for s in spec.subjects if (s, column.metric) in per_subject]
+    note = ("real images: the subject's own photos scored against each other (CLIP-I and DINO over every pair of "
+            "distinct photos, with the evaluation's models and preprocessing; the mean per subject, then over "
+            "subjects), the ceiling the methods' images are measured against; the same value in every protocol's column")
+    return pd.DataFrame(rows, columns=REAL_IMAGES_COLUMNS), subject_rows, [note]
+
+
+def paper_only_rows(spec: TableSpec) -> list[str]:
+    """Notes naming the paper's rows that no method of the table stands beside (Ruiz: DreamBooth on Imagen)."""
+    rows = (spec.paper or {}).get("rows") or {}
+    ours = {spec.paper_row(m) for m in spec.methods} | {REAL_IMAGES_ROW}
+    notes = []
+    for row in rows:
+        if row in ours:
+            continue
+        values = [f"{c.label} {spec.paper_value(row, c):g}" for c in spec.columns if spec.paper_value(row, c) is not None]
+        notes.append(f"the paper's row {row} has no method here (reference only): {', '.join(values) or 'no value in these columns'}")
+    return notes
+
+
 @dataclass
 class Report:
     """Everything a report shows; `markdown` is what it prints and writes."""
@@ -86,6 +144,9 @@ class Report:
     superseded: list[RunInfo]
     notes: list[str]
     sources: list[str]
+    # the "real images" row (the subject's photos against each other; `real_images_row`): one entry per column
+    # that has one, empty where it is not shown; its per-subject values are in `subjects` (method real_images)
+    real_images: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=REAL_IMAGES_COLUMNS))
     markdown: str = ""
 
     @property
@@ -123,6 +184,8 @@ def build_report(spec: TableSpec, runs: Sequence[RunInfo], group: str, sources: 
                     metric=column.metric, value=float(part.value.mean()), seeds=int(part.seed.nunique(dropna=False)),
                     stage_step=steps[0] if len(steps) == 1 else "/".join(map(str, steps)),
                 ))
+    real_images, real_subject_rows, real_notes = real_images_row(spec, in_table.values())
+    subject_rows += real_subject_rows
     subjects = pd.DataFrame(subject_rows, columns=["method", "subject", "column", "protocol", "metric", "value",
                                                    "seeds", "stage_step"])
     missing = pd.DataFrame(missing_rows, columns=["method", "subject", "column", "reason"])
@@ -139,11 +202,16 @@ def build_report(spec: TableSpec, runs: Sequence[RunInfo], group: str, sources: 
                 expected=len(spec.subjects), paper=paper,
                 delta=None if ours is None or paper is None else ours - paper, selection=spec.describe_selection(),
             ))
+    for row in real_images.to_dict("records"):  # the CSV and W&B table carry the row too, under its name
+        table_rows.append(dict(row, method=REAL_IMAGES_ROW, delta=None if row["ours"] is None or row["paper"] is None
+                               else row["ours"] - row["paper"], selection="every photo pair of the subject"))
     table = pd.DataFrame(table_rows, columns=["method", "column", "protocol", "metric", "ours", "ours_std", "n",
                                               "expected", "paper", "delta", "selection"])
+    table["setup"] = spec.setup  # which setup the runs follow (the paper's text, the authors' code), in every row
+    notes = notes + real_notes + paper_only_rows(spec)
     by_step = steps_frame(frame, spec)
     report = Report(spec, group, table, subjects, by_step, missing, list(in_table.values()), extra, superseded,
-                    notes, list(sources))
+                    notes, list(sources), real_images)
     report.markdown = render_markdown(report)
     return report
 
