@@ -553,6 +553,13 @@ RULES: dict[str, Rule] = {
     "method.lora.dropout": Number(float, 0, 1, high_open=True, means="the LoRA dropout probability"),
     "method.lora.target_modules": Items(min_len=1, means="UNet module names that get adapters"),
     "method.lora.target_modules.*": Text(),
+    "method.lora.use_dora": Flag(),
+    "method.lora.text_encoder_target_modules": Items(min_len=1, means="text encoder module names that get adapters"),
+    "method.lora.text_encoder_target_modules.*": Text(),
+    # {module name or regex: rank / alpha}: keys and values (the ranges of rank and alpha) checked in
+    # methods/trainables.lora_patterns
+    "method.lora.rank_pattern": Free(),
+    "method.lora.alpha_pattern": Free(),
     "method.stages.*.train": Items(min_len=1, means="what the stage trains"),
     "method.stages.*.train.*": Choice(_trainables),
     "method.stages.*.steps": Number(int, 1, means="the stage's optimizer steps"),
@@ -566,6 +573,7 @@ RULES: dict[str, Rule] = {
     "method.stages.*.lr_num_cycles": Number(int, 1, means="hard restarts of cosine_with_restarts"),
     "method.stages.*.lr_power": Number(float, 0, low_open=True, means="the power of polynomial decay"),
     "method.stages.*.trainable_lr": Free(),  # {trainable: lr}: names and lrs checked in methods/stages.py
+    "method.stages.*.trainable_frac": Free(),  # {trainable: fraction}: names and fractions checked in methods/stages.py
 
     "model.name": Text(),
     "model.backbone": Choice(_backbones, means="the model family"),

@@ -31,7 +31,7 @@ from personalize.methods.module import Personalizer
 from personalize.methods.stages import parse_stages
 from personalize.methods.token import check_new_token
 from personalize.methods.recipe import overrides as method_overrides
-from personalize.methods.trainables import component_dtypes
+from personalize.methods.trainables import check_against_model, component_dtypes
 from personalize.rundir import CONFIG_FILE, list_checkpoints, samples_dir
 from personalize.backbones import backbone_for, load_components, load_pipeline
 from personalize.models import load_pretrained, model_not_available, resolve_pretrained
@@ -163,6 +163,7 @@ def check_model(cfg: DictConfig) -> None:
     backbone = backbone_for(cfg.model)
     backbone.check_trainables(cfg.method)  # config alone: a method the family cannot train, before its files
     backbone.check_model(cfg.method)
+    check_against_model(cfg.method, cfg.model)  # e.g. LoRA targets: on weightless copies of the components
 
 
 def check_prompts(cfg: DictConfig, prompts: dict) -> None:

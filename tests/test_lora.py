@@ -58,19 +58,24 @@ def unet_output(unet):
     return unet.eval()(latents, t, embeds).sample
 
 
+# A file's down / up projections: PEFT's names (what we write) or diffusers' converted ones (older checkpoints)
+DOWN_UP = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))
+
+
 @torch.no_grad()
 def hand_merged_unet(base_dir, lora_file, scale: float):
-    """The base UNet with every W replaced by W + scale * up @ down, from the file's diffusers-format keys."""
+    """The base UNet with every W replaced by W + scale * up @ down, from the file's `unet.` keys."""
     unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
     tensors = load_file(lora_file)
-    downs = [k for k in tensors if k.endswith(".lora.down.weight")]
-    assert downs and len(tensors) == 2 * len(downs), sorted(tensors)[:4]
-    for down in downs:
-        path = down.removeprefix("unet.").removesuffix(".lora.down.weight")
-        up = down.replace(".lora.down.", ".lora.up.")
+    pairs = [(k, k.removesuffix(down) + up) for k in tensors for down, up in DOWN_UP if k.endswith(down)]
+    assert pairs and len(tensors) == 2 * len(pairs), sorted(tensors)[:4]
+    paths = set()
+    for down, up in pairs:
+        path = down.removeprefix("unet.").rsplit(".", 3 if ".lora.down." in down else 2)[0]
         layer = unet.get_submodule(path)
         layer.weight += scale * (tensors[up] @ tensors[down])
-    return unet, {k.removeprefix("unet.").removesuffix(".lora.down.weight") for k in downs}
+        paths.add(path)
+    return unet, paths
 
 
 def lora_layers(unet) -> dict[str, LoraLayer]:

@@ -549,7 +549,9 @@ class Personalizer(L.LightningModule):
         trained = self.trained_until(step)
         stage = stage_at(self.stages, step - 1)
         with atomic_dir(ckpt_dir) as tmp:
-            contents = [t.save(tmp) for name, t in self.trainables.items() if name in trained or t.saved_untrained]
+            # each saved file named once: the LoRA trainables write their parts into one file
+            contents = list(dict.fromkeys(t.save(tmp) for name, t in self.trainables.items()
+                                          if name in trained or t.saved_untrained))
             info = dict(self.checkpoint_info, step=step, stage=stage.name, stage_step=step - stage.start,
                         identifier=self.identifier, prompt=self.instance_prompt, contents=contents)
             info.update(self.example_settings())

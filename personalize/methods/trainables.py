@@ -13,11 +13,15 @@ Adding a method that needs a new kind of trainable parameter is one class here p
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from personalize.rundir import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, load_run_config
@@ -84,6 +88,12 @@ class Trainable:
     def structure(cls, method: dict) -> Any:
         """The settings its saved tensors depend on (their shapes, their meaning)."""
         return None
+
+    @classmethod
+    def check_against(cls, method_cfg: Any, trained: set[str], skeleton) -> None:
+        """Its settings that only the model's structure can judge (which modules adapters go on), checked on
+        weightless copies of the components (`skeleton(name)`) before anything is written, in a run whose
+        stages train `trained`; one PersonalizeError line. Nothing by default."""
 
 
 @register
@@ -214,61 +224,160 @@ class Unet(Trainable):
         _replace_component(pipe, ckpt_dir, "unet", UNet2DConditionModel)
 
 
-@register
-class Lora(Trainable):
-    """PEFT LoRA adapters on the UNet (method.lora: rank, alpha, dropout, target modules)."""
+class LoraAdapters(Trainable):
+    """PEFT LoRA (or DoRA) adapters on one frozen component: the base of `lora` (the UNet) and
+    `text_encoder_lora`.
 
-    name = "lora"
-    ADAPTER = "default"  # the one PEFT adapter on the UNet; its config is saved with the weights
+    Both read `method.lora`: rank, alpha (the update is scaled by alpha / rank), dropout, use_dora (DoRA,
+    PEFT's `use_dora`: each adapted weight's magnitude and direction train apart), rank_pattern and
+    alpha_pattern (PEFT's rank and alpha per module, {module name or regex: value}, matched as PEFT matches
+    them, against the end of a module's name), and each its own list of target modules. Both write the
+    one file that stock `load_lora_weights` reads, `pytorch_lora_weights.safetensors`, each its own part
+    (`unet.` / `text_encoder.` keys) with its adapter config in the header (`lora_adapter_metadata`: the
+    loader needs its alpha and patterns, else it assumes alpha = rank everywhere: another model).
+    """
+
+    component: ClassVar[str]  # the component it adapts, and the name of its part of the LoRA file
+    adapter: ClassVar[str]  # the PEFT adapter's name on that component (in its parameters' names)
+    targets_key: ClassVar[str]  # the method.lora setting listing its target modules
+    example_targets: ClassVar[tuple[str, ...]] = ()  # for messages
 
     def __init__(self, components, method_cfg, identifier):
         super().__init__(components, method_cfg, identifier)
+        model = getattr(components, self.component)
+        self.inject_checked(model, method_cfg)
+        for name, param in model.named_parameters():
+            if self.owns(name):
+                param.data = param.data.float()  # adapters train in fp32 even on a bf16 base
+
+    # ---------------------------------------------------------------- the adapter
+    @classmethod
+    def targeted(cls, model, method_cfg) -> list[str]:
+        """The modules of `model` its targets name (PEFT's rule: the whole name, or its end after a dot)."""
+        targets = [str(t) for t in method_cfg.lora[cls.targets_key]]
+        return [name for name, _ in model.named_modules() if any(name == t or name.endswith(f".{t}") for t in targets)]
+
+    @classmethod
+    def lora_config(cls, method_cfg, targeted: list[str]):
+        """PEFT's LoraConfig of `method.lora` for this component, whose targets select the modules `targeted`.
+
+        rank_pattern / alpha_pattern serve both LoRA trainables: each component's config keeps the keys that
+        match one of its modules (a key matching none of any is refused at config time, check_against)."""
         from peft import LoraConfig
 
         cfg = method_cfg.lora
-        unet = components.unet
-        unet.add_adapter(LoraConfig(
+        mine = {key: {k: v for k, v in lora_patterns(cfg, key).items() if any(_pattern_matches(k, n) for n in targeted)}
+                for key in ("rank_pattern", "alpha_pattern")}
+        return LoraConfig(
             r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.get("dropout", 0.0)),
-            init_lora_weights="gaussian", target_modules=list(cfg.target_modules),
-        ), adapter_name=self.ADAPTER)
-        for name, param in unet.named_parameters():
-            if self.owns(name):
-                param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
+            use_dora=bool(cfg.get("use_dora", False)), init_lora_weights="gaussian",
+            target_modules=[str(t) for t in cfg[cls.targets_key]],
+            rank_pattern={k: int(v) for k, v in mine["rank_pattern"].items()},
+            alpha_pattern={k: float(v) for k, v in mine["alpha_pattern"].items()},
+        )
 
+    @classmethod
+    def inject(cls, model, config) -> None:
+        """Put the adapter of `config` on the component (PEFT)."""
+        raise NotImplementedError
+
+    @classmethod
+    def inject_checked(cls, model, method_cfg) -> None:
+        """`inject`; a target that names no module, or a module PEFT cannot adapt, is one line."""
+        key = f"method.lora.{cls.targets_key}"
+        targeted = cls.targeted(model, method_cfg)
+        for target in sorted({str(t) for t in method_cfg.lora[cls.targets_key]}):
+            if not any(name == target or name.endswith(f".{target}") for name in targeted):
+                raise PersonalizeError(
+                    f"{key} has '{target}', which names no module of the {cls.component}: name Linear or Conv2d "
+                    f"modules (whole names or their ends), e.g. {', '.join(cls.example_targets)}")
+        config = cls.lora_config(method_cfg, targeted)
+        try:
+            cls.inject(model, config)
+        except ValueError as error:  # PEFT's: a module it has no LoRA layer for (a norm, an activation)
+            raise PersonalizeError(
+                f"{key}={sorted(config.target_modules)}: PEFT cannot adapt these on the {cls.component} "
+                f"({str(error).splitlines()[0]}): name Linear or Conv2d modules, e.g. {', '.join(cls.example_targets)}"
+            ) from None
+
+    @classmethod
+    def check_against(cls, method_cfg, trained, skeleton) -> None:
+        cls.inject_checked(skeleton(cls.component), method_cfg)
+        adapters = [c for c in TRAINABLES.values() if issubclass(c, LoraAdapters) and c.attached(method_cfg, trained)]
+        if cls is not adapters[0]:
+            return  # the patterns are checked once, against the modules of every LoRA trainable of the run
+        targeted = [name for c in adapters for name in c.targeted(skeleton(c.component), method_cfg)]
+        for setting in ("rank_pattern", "alpha_pattern"):
+            for pattern, value in lora_patterns(method_cfg.lora, setting).items():
+                if not any(_pattern_matches(pattern, name) for name in targeted):
+                    where = ", ".join(f"method.lora.{c.targets_key} on the {c.component}" for c in adapters)
+                    raise PersonalizeError(
+                        f"method.lora.{setting}.{pattern}={value} matches none of the modules LoRA adapts ({where}; "
+                        f"e.g. {targeted[0]}): use the end of such a name, or a regex that matches one")
+
+    # ---------------------------------------------------------------- what trains
     def parameters(self):
-        return [p for n, p in self.components.unet.named_parameters() if self.owns(n)]
+        return [p for n, p in getattr(self.components, self.component).named_parameters() if self.owns(n)]
 
     @classmethod
     def owns(cls, param_name):
-        return "lora_" in param_name
+        # lora_A / lora_B (and DoRA's lora_magnitude_vector) of its adapter: `...to_q.lora_A.<adapter>.weight`
+        return "lora_" in param_name and f".{cls.adapter}." in param_name
+
+    # ---------------------------------------------------------------- its part of the checkpoint
+    def file_layers(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the keys of its part of the LoRA file, in fp32.
+
+        PEFT's own names (`<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`), which stock
+        `load_lora_weights` reads for every kind of target. diffusers' `convert_state_dict_to_diffusers`
+        renames only the attention projections' keys (to `lora.down` / `lora.up`), and diffusers 0.42 drops
+        the attention adapters of a file that mixes both forms when `proj_in` / `proj_out` are targets too."""
+        from peft.utils import get_peft_model_state_dict
+
+        model = getattr(self.components, self.component)
+        layers = get_peft_model_state_dict(model, adapter_name=self.adapter)
+        return {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+
+    def save(self, folder):
+        config = getattr(self.components, self.component).peft_config[self.adapter]
+        add_to_lora_file(folder, self.component, self.file_layers(), config.to_dict())
+        return LORA_FILE
+
+    @classmethod
+    def structure(cls, method):
+        lora = method.get("lora") or {}
+        return {"rank": lora.get("rank"), "alpha": lora.get("alpha"), "use_dora": bool(lora.get("use_dora", False)),
+                "target_modules": lora.get(cls.targets_key), "rank_pattern": dict(lora.get("rank_pattern") or {}),
+                "alpha_pattern": dict(lora.get("alpha_pattern") or {})}
+
+
+@register
+class Lora(LoraAdapters):
+    """LoRA on the UNet (`method.lora.target_modules`; by default the attention projections, as diffusers'
+    examples). Loading a checkpoint loads its whole LoRA file: the text encoder's part too."""
+
+    name = "lora"
+    component = "unet"
+    adapter = "default"  # PEFT's default name, kept: earlier runs' resume states hold `lora_A.default` keys
+    targets_key = "target_modules"
+    example_targets = ("to_q", "ff.net.2", "conv1")
+
+    @classmethod
+    def inject(cls, model, config):
+        model.add_adapter(config, adapter_name=cls.adapter)
 
     def enable_gradient_checkpointing(self):
         self.components.unet.enable_gradient_checkpointing()
 
-    def save(self, folder):
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        unet = self.components.unet
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=self.ADAPTER))
-        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-        # The adapter's LoraConfig goes into the file's header (`lora_adapter_metadata`), which
-        # load_lora_weights reads back: without it the loader assumes alpha = rank, another model.
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config[self.ADAPTER].to_dict(),
-            safe_serialization=True,
-        )
-        return LORA_FILE
-
     @classmethod
     def load_into(cls, pipe, ckpt_dir):
-        if getattr(pipe, "_personalize_lora", False):  # an earlier checkpoint's adapters
+        if getattr(pipe, "_personalize_lora", False):  # an earlier checkpoint's adapters (both parts)
             pipe.unload_lora_weights()
             pipe._personalize_lora = False
         if (ckpt_dir / LORA_FILE).exists():
             cls.warn_if_scale_unknown(ckpt_dir)
-            pipe.load_lora_weights(str(ckpt_dir), weight_name=LORA_FILE)  # rank and alpha from the file's metadata
+            # both parts, with the rank, alpha, patterns and DoRA of the file's metadata
+            pipe.load_lora_weights(str(ckpt_dir), weight_name=LORA_FILE)
             pipe._personalize_lora = True
 
     @staticmethod
@@ -293,9 +402,51 @@ class Lora(Trainable):
         log.warning("%s has no LoRA adapter metadata (written before alpha was saved), so it loads with alpha = rank; %s",
                     ckpt_dir / LORA_FILE, why)
 
+
+
+@register
+class TextEncoderLora(LoraAdapters):
+    """LoRA on the text encoder (`method.lora.text_encoder_target_modules`; by default its attention
+    projections q_proj, k_proj, v_proj, out_proj, as diffusers' examples), in the `text_encoder.` part of
+    the LoRA file with its own adapter metadata; its own lr through the stage's `trainable_lr`.
+
+    Not with the whole `text_encoder` in one run (that saves the encoder whole, adapters and all). Stock
+    `load_lora_weights` loads it through transformers' `load_adapter`, which matches a DoRA magnitude vector
+    only as `...lora_magnitude_vector.weight` (PEFT's state dict names it without `.weight`, and under that
+    name diffusers 0.42 re-initialises it on load): its part writes the name that loads."""
+
+    name = "text_encoder_lora"
+    component = "text_encoder"
+    adapter = "text_encoder_lora"
+    targets_key = "text_encoder_target_modules"
+    example_targets = ("q_proj", "out_proj", "fc1")
+    encodes_prompt = True
+
     @classmethod
-    def structure(cls, method):
-        return method.get("lora")
+    def attached(cls, method_cfg, trained):
+        if cls.name in trained and TextEncoder.name in trained:
+            raise PersonalizeError(
+                f"the stages train both '{TextEncoder.name}' and '{cls.name}': train the whole text encoder or "
+                "LoRA on it, not both")
+        return cls.name in trained
+
+    @classmethod
+    def inject(cls, model, config):
+        # PEFT itself: transformers' own `add_adapter` refuses PEFT 0.21 (it asks for >= 0.22, unreleased)
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, adapter_name=cls.adapter)
+
+    def enable_gradient_checkpointing(self):
+        # non-reentrant: the frozen embeddings give the checkpointed layers no input that requires grad
+        self.components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def file_layers(self):
+        return {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in super().file_layers().items()}
+
+    @classmethod
+    def load_into(cls, pipe, ckpt_dir):
+        pass  # its part of the LoRA file loads with the UNet's, in Lora.load_into's one load_lora_weights
 
 
 @register
@@ -379,6 +530,109 @@ class CustomDiffusion(Trainable):
             processors[name] = processor.to(unet.device, unet.dtype)
         return processors
 
+
+# ---------------------------------------------------------------- LoRA: settings and the one file
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key applies to module `name`, by PEFT's own rule."""
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key([pattern], name) == pattern
+
+
+def lora_patterns(lora_cfg, key: str) -> dict:
+    """`method.lora.rank_pattern` / `alpha_pattern`: {module name or regex: rank / alpha}, or null for none.
+    Not a mapping, a key that is not a regex, or a value that `method.lora.rank` / `alpha` could not take is
+    one line."""
+    from personalize.schema import rule_for
+
+    value = lora_cfg.get(key)
+    if value is None:
+        return {}
+    if not (OmegaConf.is_dict(value) or isinstance(value, dict)):
+        raise PersonalizeError(f"method.lora.{key}={value} is not a mapping: use {{module name or regex: value}}, "
+                               f"e.g. method.lora.{key}={{to_k: 8}}, or null")
+    rule = rule_for("method.lora.rank" if key == "rank_pattern" else "method.lora.alpha")
+    for pattern, number in value.items():
+        try:
+            re.compile(str(pattern))
+        except re.error as error:
+            raise PersonalizeError(f"method.lora.{key} has the key '{pattern}', which is not a regex ({error}): use a "
+                                   "module name, the end of one (to_k), or a valid regex") from None
+        message = rule.message(f"method.lora.{key}.{pattern}", number)
+        if message:
+            raise PersonalizeError(message)
+    return {str(k): v for k, v in value.items()}
+
+
+def add_to_lora_file(folder: Path, component: str, layers: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write one component's part of the checkpoint's LoRA file (its layers and adapter metadata), keeping the
+    part another LoRA trainable already wrote into `folder`: the trainables save in either order, and the
+    file holds both, through diffusers' own writer."""
+    from diffusers import StableDiffusionPipeline
+
+    path = folder / LORA_FILE
+    parts = read_lora_parts(path) if path.exists() else {}
+    parts[component] = (layers, metadata)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, safe_serialization=True, **{f"{name}_lora_layers": part[0] for name, part in parts.items()},
+        **{f"{name}_lora_adapter_metadata": part[1] for name, part in parts.items()})
+
+
+def read_lora_parts(path: Path) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """A LoRA file as {component: (its tensors, its adapter metadata)}, both without the `component.` prefix."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    parts: dict[str, tuple[dict, dict]] = {}
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            component, _, rest = key.partition(".")
+            parts.setdefault(component, ({}, {}))[0][rest] = f.get_tensor(key)
+        header = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    for key, value in header.items():
+        component, _, rest = key.partition(".")
+        parts.setdefault(component, ({}, {}))[1][rest] = value
+    return parts
+
+
+# ---------------------------------------------------------------- checks against the model's structure
+class _ConfigFile:
+    """A `load_pretrained` loader that reads a config file alone (bytes, not weights)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def from_pretrained(self, source, **kwargs):
+        kwargs.pop("variant", None)  # names a weights file; a config is shared by every variant
+        return self.read(source, **kwargs)
+
+
+def component_skeleton(model_cfg, component: str) -> nn.Module:
+    """A model's component built from its config file on the meta device: its modules' names, types and
+    shapes, no weights. Its class is the one the model's model_index.json names (diffusers or transformers)."""
+    from diffusers import DiffusionPipeline
+
+    from personalize.models import load_pretrained, resolve_pretrained
+
+    source = resolve_pretrained(model_cfg)
+    library, class_name = load_pretrained(_ConfigFile(DiffusionPipeline.load_config), source, None, model_cfg)[component]
+    model_class = getattr(importlib.import_module(library), class_name)
+    if library == "transformers":
+        config = load_pretrained(_ConfigFile(model_class.config_class.from_pretrained), source, component, model_cfg)
+        with torch.device("meta"):
+            return model_class(config)
+    config = load_pretrained(_ConfigFile(model_class.load_config), source, component, model_cfg)
+    with torch.device("meta"):
+        return model_class.from_config(config)
+
+
+def check_against_model(method_cfg, model_cfg) -> None:
+    """What the method's trainables need of the model (Trainable.check_against), on weightless copies of its
+    components: called with the config checks, before anything is written."""
+    trained = {str(t) for stage in (method_cfg.get("stages") or {}).values() for t in (stage.get("train") or ())}
+    for cls in TRAINABLES.values():
+        if cls.attached(method_cfg, trained):
+            cls.check_against(method_cfg, trained, lambda component: component_skeleton(model_cfg, component))
 
 
 def _replace_component(pipe, ckpt_dir: Path, name: str, model_class) -> None:
