@@ -40,7 +40,7 @@ def test_help_starts_with_what_the_tool_does_and_examples(command, what):
 def test_help_lists_choosable_groups_without_internal_files():
     out = run("personalize", "--help").stdout
     groups = dict(line.strip().split(": ", 1) for line in out.split("Config groups")[1].split("\n\n")[0].splitlines()[1:])
-    assert groups["method"].split(", ") == ["custom_diffusion", "dreambooth", "finetune", "lora", "textual_inversion", "two_stage"]
+    assert groups["method"].split(", ") == ["custom_diffusion", "dreambooth", "finetune", "lora", "pivotal", "textual_inversion", "two_stage"]
     assert "tiny" in groups["model"].split(", ") and "sample_dog" in groups["subject"].split(", ")
     assert all("_common" not in options and "/" not in options for options in groups.values())
 

@@ -19,7 +19,7 @@ SAMPLE_SUBJECTS = ["sample_dog", "sample_dog2", "sample_backpack"]
 
 
 def test_the_six_methods_and_thirty_subjects_exist():
-    assert METHODS == ["custom_diffusion", "dreambooth", "finetune", "lora", "textual_inversion", "two_stage"]
+    assert METHODS == ["custom_diffusion", "dreambooth", "finetune", "lora", "pivotal", "textual_inversion", "two_stage"]
     assert len(DREAMBOOTH_SUBJECTS) == 30
 
 

@@ -178,7 +178,7 @@ def test_identifier_missing_from_the_prompt(make_cfg):
 
 # ---------------------------------------------------------------- names and keys
 @pytest.mark.parametrize("override, message", [
-    ("method=nope", "unknown method 'nope': the methods are: custom_diffusion, dreambooth, finetune, lora, textual_inversion, two_stage"),
+    ("method=nope", "unknown method 'nope': the methods are: custom_diffusion, dreambooth, finetune, lora, pivotal, textual_inversion, two_stage"),
     ("subject=dgo", "unknown subject 'dgo' (did you mean 'dog'?): the subjects are: backpack,"),
     ("model=sd3", "unknown model 'sd3'"),
     ("method=lora,nope", "unknown method 'nope'"),
@@ -323,7 +323,7 @@ def personalize(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["method=nope"], "error: unknown method 'nope': the methods are: custom_diffusion, dreambooth, finetune, lora, textual_inversion, two_stage"),
+    (["method=nope"], "error: unknown method 'nope': the methods are: custom_diffusion, dreambooth, finetune, lora, pivotal, textual_inversion, two_stage"),
     (["metod=lora"], "error: unknown config key 'metod': did you mean 'method'?"),
     (["subject=sample_dog", "subject.data_dir=/nonexistent"], "error: subject folder '/nonexistent' does not exist"),
 ])

@@ -24,6 +24,9 @@ SHORT_RUNS = {
     "finetune": ["method.stages.unet.steps=6", "method.stages.unet.checkpoint_every=3", "method.stages.unet.lr=1e-3"],
     "custom_diffusion": ["method.stages.cd.steps=6", "method.stages.cd.checkpoint_every=3", "method.stages.cd.lr=2e-2",
                          "class_images.count=2"],
+    # the token trains the first 3 of 6 steps (trainable_frac 0.5), then only the LoRA moves
+    "pivotal": ["method.stages.pivotal.steps=6", "method.stages.pivotal.checkpoint_every=3", "method.stages.pivotal.lr=2e-2",
+                "method.stages.pivotal.trainable_lr.token=5e-2", "method.batch_size=2"],
 }
 # What each method must change; every other part must stay bit-identical.
 TRAINS = {
@@ -33,9 +36,10 @@ TRAINS = {
     "lora": {"lora"},
     "finetune": {"unet"},
     "custom_diffusion": {"token", "custom_diffusion"},
+    "pivotal": {"token", "lora"},
 }
 CHECKPOINT_STEPS = {"textual_inversion": [3, 6], "two_stage": [6, 9], "dreambooth": [3, 6], "lora": [3, 6], "finetune": [3, 6],
-                    "custom_diffusion": [3, 6]}
+                    "custom_diffusion": [3, 6], "pivotal": [3, 6]}
 ARTIFACTS = {
     "textual_inversion": {"learned_embeds.safetensors"},
     "two_stage": {"learned_embeds.safetensors", "unet"},
@@ -43,6 +47,7 @@ ARTIFACTS = {
     "lora": {"pytorch_lora_weights.safetensors"},
     "finetune": {"unet"},
     "custom_diffusion": {"learned_embeds.safetensors", "pytorch_custom_diffusion_weights.safetensors"},
+    "pivotal": {"learned_embeds.safetensors", "pytorch_lora_weights.safetensors"},
 }
 
 

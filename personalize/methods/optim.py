@@ -13,6 +13,9 @@
   lr of the uninterrupted one at every step, with no scheduler state to save.
 - `method.stages.<stage>.trainable_lr: {name: lr}`: one parameter group per trainable of the stage, at
   its own base lr (the stage's `lr` where not given); the schedule scales every group's base lr.
+- `method.stages.<stage>.trainable_frac: {name: fraction}`: that trainable's group runs at lr 0 from stage
+  step int(fraction x steps) on, in the same optimizer (pivotal tuning's token: its gradient still counts
+  in the clipped norm, and the other groups' Adam state continues, as in diffusers' advanced script).
 - `method.scale_lr`: every lr times batch size x gradient accumulation steps x processes, in the order
   the scripts' `--scale_lr` multiplies them (so the float is theirs too).
 """
@@ -146,19 +149,27 @@ class LrSchedule:
 
     base_lrs: list[float]  # per parameter group, in the optimizer's order
     factor: Callable[[int], float]  # the schedule's lambda of the stage step (get_scheduler's)
+    # per group, the stage step from which its lr is 0 (its trainable's `trainable_frac` is over); None: never
+    frozen_from: list[int | None] | None = None
 
     @classmethod
-    def for_stage(cls, stage: Stage, base_lrs: list[float], default_lr: float) -> LrSchedule:
+    def for_stage(cls, stage: Stage, base_lrs: list[float], default_lr: float,
+                  group_trainables: list[str] | None = None) -> LrSchedule:
         """diffusers' `get_scheduler` for the stage, on a stand-in optimizer at `default_lr` (the optimizer's
         own lr: polynomial decay reads it to reach lr_end), of which we keep the lambda."""
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=default_lr)
         scheduler = get_scheduler(stage.lr_scheduler, stand_in, num_warmup_steps=stage.lr_warmup_steps,
                                   num_training_steps=stage.steps, num_cycles=stage.lr_num_cycles, power=stage.lr_power)
-        return cls(base_lrs, scheduler.lr_lambdas[0])
+        frozen = [stage.frozen_from(name) for name in group_trainables] if group_trainables else None
+        return cls(base_lrs, scheduler.lr_lambdas[0], frozen)
 
     def lrs(self, stage_step: int) -> list[float]:
         factor = self.factor(stage_step)
-        return [base * factor for base in self.base_lrs]  # LambdaLR's own product: base_lr * lambda(step)
+        # LambdaLR's own product, base_lr * lambda(step); 0 for a group frozen by then (diffusers' advanced
+        # script freezes pivotal tuning's token so, in its one optimizer: the others' Adam state runs on)
+        frozen = self.frozen_from or [None] * len(self.base_lrs)
+        return [0.0 if stop is not None and stage_step >= stop else base * factor
+                for base, stop in zip(self.base_lrs, frozen)]
 
     def apply(self, optimizer: torch.optim.Optimizer, stage_step: int) -> None:
         for group, lr in zip(optimizer.param_groups, self.lrs(stage_step)):
@@ -186,7 +197,8 @@ def build_optimizer(stage: Stage, trainables: dict[str, Trainable], method_cfg, 
                                     safeguard_warmup=bool(opt.get("prodigy_safeguard_warmup", True)))
     else:
         optimizer = _torch_adamw(groups, kwargs, mixed_precision)
-    schedule = LrSchedule.for_stage(stage, [group["lr"] for group in optimizer.param_groups], default_lr)
+    schedule = LrSchedule.for_stage(stage, [group["lr"] for group in optimizer.param_groups], default_lr,
+                                    [group["trainable"] for group in optimizer.param_groups])
     return optimizer, schedule
 
 

@@ -1,8 +1,9 @@
 """A method is a sequence of stages; a stage says what trains, for how long, how fast, with which loss.
 
 textual_inversion = [token]; two_stage = [token, unet] (no prior); dreambooth = [unet + prior];
-lora = [lora]; finetune = [unet]; custom_diffusion = [token + custom_diffusion]. A two-stage method
-whose second stage is LoRA is just `method.stages.unet.train=[lora]`: no new code.
+lora = [lora]; finetune = [unet]; custom_diffusion = [token + custom_diffusion]; pivotal = [lora + token,
+the token frozen after half the steps (trainable_frac)]. A two-stage method whose second stage is LoRA is
+just `method.stages.unet.train=[lora]`: no new code.
 """
 
 from __future__ import annotations
@@ -37,10 +38,19 @@ class Stage:
     lr_num_cycles: int = 1
     lr_power: float = 1.0
     trainable_lr: tuple[tuple[str, float], ...] = ()
+    # {trainable: the fraction of the stage's steps it trains}, as pairs: after it, its lr is 0 (frozen) while
+    # the stage's optimizer runs on, e.g. pivotal tuning's token (diffusers' --train_text_encoder_ti_frac)
+    trainable_frac: tuple[tuple[str, float], ...] = ()
 
     def lr_for(self, trainable: str) -> float:
         """The base lr of one trainable's parameters (before schedule and scale_lr)."""
         return dict(self.trainable_lr).get(trainable, self.lr)
+
+    def frozen_from(self, trainable: str) -> int | None:
+        """The stage step from which `trainable`'s lr is 0: int(fraction x steps), as the advanced script
+        takes int(ti_frac x epochs); None when it trains the whole stage."""
+        fraction = dict(self.trainable_frac).get(trainable)
+        return None if fraction is None or fraction >= 1 else int(fraction * self.steps)
 
     @property
     def end(self) -> int:
@@ -84,6 +94,7 @@ def parse_stages(stages_cfg) -> list[Stage]:
             optimizer=str(cfg.get("optimizer") or "adamw"), lr_scheduler=str(cfg.get("lr_scheduler") or "constant"),
             lr_warmup_steps=int(cfg.get("lr_warmup_steps", 0) or 0), lr_num_cycles=int(cfg.get("lr_num_cycles", 1)),
             lr_power=float(cfg.get("lr_power", 1.0)), trainable_lr=_trainable_lrs(str(name), cfg.get("trainable_lr"), train),
+            trainable_frac=_trainable_fracs(str(name), cfg.get("trainable_frac"), train, int(cfg.steps)),
         )
         check_schedule(stage)
         stages.append(stage)
@@ -107,6 +118,28 @@ def _trainable_lrs(stage: str, value, train: tuple[str, ...]) -> tuple[tuple[str
         if message:
             raise PersonalizeError(message)
         pairs.append((str(trainable), float(lr)))
+    return tuple(pairs)
+
+
+def _trainable_fracs(stage: str, value, train: tuple[str, ...], steps: int) -> tuple[tuple[str, float], ...]:
+    """`trainable_frac: {trainable: fraction}` of a stage, checked: names it trains, fractions in (0, 1] that
+    leave the trainable at least one step."""
+    key = f"method.stages.{stage}.trainable_frac"
+    if value is None:
+        return ()
+    if not (OmegaConf.is_dict(value) or isinstance(value, dict)):
+        raise PersonalizeError(f"{key}={value} is not a mapping: use {{trainable: fraction}}, e.g. {key}={{{train[0]}: 0.5}}")
+    pairs = []
+    for trainable, fraction in value.items():
+        if str(trainable) not in train:
+            raise PersonalizeError(f"{key}.{trainable}={fraction}: the stage trains {', '.join(train)}, not {trainable}: "
+                                   f"give fractions to those, e.g. {key}.{train[0]}={fraction}")
+        ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1
+        if not ok or int(fraction * steps) < 1:
+            raise PersonalizeError(
+                f"{key}.{trainable}={fraction} is not a fraction of the stage's {steps} steps that trains it at least "
+                f"one step: use a number in [{1 / steps:.3g}, 1] (the share of the steps it trains before its lr is 0)")
+        pairs.append((str(trainable), float(fraction)))
     return tuple(pairs)
 
 
