@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image, UnidentifiedImageError
 
 from personalize.artifacts import load_checkpoint_pipeline
+from personalize.backbones import BACKBONES, backbone_for
 from personalize.devices import resolve_device, resolve_dtype
 from personalize.edit.editor import EditSettings, build_controller, edit_image, save_attention_maps, save_side_by_side
 from personalize.edit.inversion import convert_prompt, decode_latents, encode_image
@@ -184,8 +185,6 @@ def _log_to_wandb(cfg: DictConfig, info: CheckpointInfo, out_dir: Path, record: 
 def check_backbone(ckpt: Path, info: CheckpointInfo) -> None:
     """Prompt-to-prompt knows the attention layers and conditioning of the backbones that say so
     (`Backbone.supports_editing`); a checkpoint of another family is one line."""
-    from personalize.backbones import BACKBONES, backbone_for
-
     backbone = backbone_for(info.model)
     if not backbone.supports_editing:
         editable = ", ".join(name for name, cls in BACKBONES.items() if cls.supports_editing)
