@@ -62,3 +62,17 @@ def stock_pipeline(base_dir: Path, ckpt: Path):
         pipe.unet.set_attn_processor(processors)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A fixed input of the tiny UNet (4 latent channels, 77 x 32 text states): what a trained and a stock-loaded
+# adapter must give the same output on.
+def fixed_inputs():
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    return latents, torch.tensor([500, 80]), embeds
+
+
+@torch.no_grad()
+def unet_output(unet):
+    latents, t, embeds = fixed_inputs()
+    return unet.eval()(latents, t, embeds).sample

@@ -34,7 +34,7 @@ from personalize.errors import PersonalizeError
 from personalize.methods.trainables import add_to_lora_file, read_lora_parts
 from personalize.rundir import LORA_FILE, read_info
 from personalize.train import fit, prepare_run
-from tests.helpers import changed_fraction, snapshot, stock_pipeline
+from tests.helpers import changed_fraction, snapshot, stock_pipeline, unet_output
 
 # fp32 on CPU, the same shapes in every forward: the paths differ only in how the update is applied
 # (merged into W by hand, or PEFT's separate branch), i.e. in rounding, orders of magnitude below this.
@@ -70,18 +70,6 @@ def train(make_cfg, *overrides: str, steps: int = 2):
     before = snapshot(run.module)
     fit(run, sample=False, evaluate=False)
     return run, before
-
-
-def fixed_inputs():
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    embeds = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
-    return latents, torch.tensor([500, 80]), embeds
-
-
-@torch.no_grad()
-def unet_output(unet):
-    latents, t, embeds = fixed_inputs()
-    return unet.eval()(latents, t, embeds).sample
 
 
 @torch.no_grad()

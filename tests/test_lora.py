@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from personalize.artifacts import load_checkpoint_pipeline
 from personalize.rundir import CONFIG_FILE, LORA_FILE, load_run_config
 from personalize.train import fit, prepare_run
-from tests.helpers import stock_pipeline
+from tests.helpers import stock_pipeline, unet_output
 
 # fp32 on CPU, the same shapes in every forward: the paths differ only in how the update is applied
 # (merged into W vs a separate low-rank branch), i.e. in rounding, orders of magnitude below this.
@@ -44,18 +44,6 @@ def train_lora(make_cfg, rank: int, alpha: float, steps: int = 3):
     ))
     fit(run, sample=False, evaluate=False)
     return run
-
-
-def fixed_inputs():
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    embeds = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
-    return latents, torch.tensor([500, 80]), embeds
-
-
-@torch.no_grad()
-def unet_output(unet):
-    latents, t, embeds = fixed_inputs()
-    return unet.eval()(latents, t, embeds).sample
 
 
 # A file's down / up projections: PEFT's names (what we write) or diffusers' converted ones (older checkpoints)
