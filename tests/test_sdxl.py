@@ -308,6 +308,7 @@ def test_a_method_sdxl_does_not_train_is_one_line_naming_those_that_apply(overri
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow  # two subprocess runs (training, then the edit refusal): the in-process tests above cover training
 def test_the_cli_trains_lora_on_tiny_sdxl_and_editing_it_is_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PERSONALIZE_OUTPUTS=str(tmp_path / "out"))
     result = subprocess.run(
