@@ -20,7 +20,8 @@ from personalize.config import compose
 from personalize.data import Subject
 from personalize.errors import PersonalizeError
 from personalize.methods.stages import parse_stages
-from personalize.train import device_of, prepare_class_images, resolve_hardware
+from personalize.devices import device_of, resolve_hardware
+from personalize.train import prepare_class_images
 
 
 def jobs(overrides: list[str]) -> list[tuple[str, str]]:
