@@ -252,16 +252,19 @@ def test_prepare_script_makes_class_images_once_per_class(tmp_path, caplog, tiny
 
 
 def test_a_failing_job_neither_stops_nor_pollutes_the_others(tmp_path):
-    # job 0 crashes on a library's ValueError that no input check foresees (PEFT finds no LoRA target of that
-    # name in the UNet): a traceback, not a user error; job 1 (the same run without LoRA) must run whole.
-    # (The optimizer's own ValueErrors, e.g. a negative eps, are user errors of the schema now.)
+    # job 0 crashes on an error that no input check foresees (its class images cannot be written: the cache
+    # folder's parent is a file): a traceback, not a user error; job 1 (the same run without the prior loss,
+    # so without class images) must run whole. (Wrong LoRA targets and the optimizer's own ValueErrors, which
+    # this test used before, are user errors of the config checks now.)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the class-image cache expects a folder")
     sweep = sweeps.run("personalize", "-m", f"experiment={sweeps.SMOKE}", "method=dreambooth", "subject=sample_dog",
-                       "method.stages.unet.train=[unet,lora],[unet]", "method.lora.target_modules=[no_such_layer]",
+                       "method.stages.unet.prior_loss_weight=1.0,0.0", f"paths.class_image_dir={blocker / 'cache'}",
                        "eval.enabled=false", "logger=wandb_offline", outputs=tmp_path)
     assert sweep.returncode != 0, "a sweep with a failed job exits non-zero at the end"
-    assert "JobFailed: 0_dreambooth-sample_dog-s0: NoMatchingPeftModuleError: Target modules" in sweep.log
+    assert "JobFailed: 0_dreambooth-sample_dog-s0: NotADirectoryError" in sweep.log, sweep.log[-3000:]
     failed, ok = sweep.runs
-    assert "NoMatchingPeftModuleError" in (failed / "FAILED").read_text() and not (failed / "checkpoints").exists()
+    assert "NotADirectoryError" in (failed / "FAILED").read_text() and not (failed / "checkpoints").exists()
     assert not (ok / "FAILED").exists()
     assert [p.name for p in sorted((ok / "checkpoints").iterdir())] == [f"step-00000{s}" for s in (2, 4, 6, 8)]
     assert list((ok / "samples").rglob("*.png"))
