@@ -386,3 +386,19 @@ def test_two_stage_with_a_lora_second_stage_is_one_override(make_cfg, tiny_model
     assert (unet_output(stock.unet) - unet_output(run.module.unet)).abs().max().item() <= ATOL
     token_id = stock.tokenizer.convert_tokens_to_ids("<rare>")
     assert torch.equal(stock.text_encoder.get_input_embeddings().weight[token_id], run.module.token_embedding.new_rows[0].detach())
+
+
+def test_pivotal_with_text_encoder_lora_killed_before_the_freeze_resumes_bit_identical(tmp_path, make_cfg):
+    """Killed while writing step 3's resume state, the run continues from step 2, the first frozen step of the
+    token: the optimizer (the LoRA's Adam state, the token's group), both LoRA parts and the token come back."""
+    from tests.test_resume import assert_same_outputs, personalize, run_dirs
+
+    args = [*PIVOTAL, "method.stages.pivotal.train=[lora,token,text_encoder_lora]", "samples.num_images=1"]
+    killed = personalize(*args, f"paths.log_dir={tmp_path / 'out'}", kill="resume-save:3")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    [run_dir] = run_dirs(tmp_path / "out")
+    resumed = personalize(*args, f"paths.log_dir={tmp_path / 'out'}", f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run_dir} from step-000002" in resumed.stdout + resumed.stderr
+    reference = fit(prepare_run(make_cfg(*args, name="uninterrupted")))
+    assert_same_outputs(run_dir, reference.run_dir)

@@ -403,7 +403,6 @@ class Lora(LoraAdapters):
                     ckpt_dir / LORA_FILE, why)
 
 
-
 @register
 class TextEncoderLora(LoraAdapters):
     """LoRA on the text encoder (`method.lora.text_encoder_target_modules`; by default its attention
@@ -432,7 +431,7 @@ class TextEncoderLora(LoraAdapters):
 
     @classmethod
     def inject(cls, model, config):
-        # PEFT itself: transformers' own `add_adapter` refuses PEFT 0.21 (it asks for >= 0.22, unreleased)
+        # PEFT itself: transformers 5's own `add_adapter` asks for PEFT >= 0.22, newer than PyPI's 0.21.2
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, model, adapter_name=cls.adapter)
