@@ -309,9 +309,9 @@ def test_a_recipe_run_uses_the_documented_prompts_and_crops_and_resumes_exactly(
 # ---------------------------------------------------------------- captions
 @pytest.fixture
 def captioned_dog(tmp_path):
-    """A copy of the DreamBooth dog folder with captions beside two of its five photos."""
+    """A copy of the shipped sample dog folder with captions beside two of its five photos."""
     folder = tmp_path / "dog"
-    shutil.copytree(SHARED_DREAMBOOTH / "dog", folder)
+    shutil.copytree(SAMPLE_DOG, folder)  # the shipped real photos: a fresh machine has no ../shared
     (folder / "00.txt").write_text("a photo of {phrase} on a sofa")
     (folder / "02.txt").write_text("{identifier}, a {class_noun}, in the garden\n")
     return folder
