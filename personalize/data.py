@@ -11,7 +11,7 @@ How a photo becomes a training image (`method.data`, `DataSettings`):
   resolution, then a resolution x resolution window at a random offset along the longer side, drawn anew
   for each example of each step (`crop_square`). The module keeps the resized photos and VAE-encodes each
   step's crops (a VAE encode per step: the price of a fresh crop; square photos have only one crop).
-- `interpolation`: the resize filter, one of PIL's (`INTERPOLATIONS`); bicubic by default.
+- `interpolation`: the resize filter, one of PIL's (schema `INTERPOLATIONS`); bicubic by default.
 
 A caption is a `.txt` beside a photo with the photo's name (dog/00.jpg -> dog/00.txt): that photo's
 training prompt, a template that may name {identifier}, {class_noun} and {phrase} (`read_caption`).
@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalize.config import derive_init_word
 from personalize.errors import PersonalizeError
-from personalize.schema import PROMPT_FIELDS, Template
+from personalize.schema import CROPS, INTERPOLATIONS, PROMPT_FIELDS, Template
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 KINDS = ("live", "object")
-CROPS = ("center", "random")  # method.data.crop
-# method.data.interpolation: the resize filter, by PIL's names
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+# method.data.interpolation names (the schema's, which lists the valid ones) -> PIL's resize filter
+FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ def _resize(img: Image.Image, size: tuple[int, int], interpolation: str) -> Imag
     """PIL's resize with the named filter; a photo 4x or more the target size is first box-reduced by
     PIL (reducing_gap=3: the same result to the eye, much faster on a 12-megapixel photo)."""
     reducing_gap = None if min(img.size) < 4 * min(size) else 3.0
-    return img.resize(size, INTERPOLATIONS[interpolation], reducing_gap=reducing_gap)
+    return img.resize(size, FILTERS[interpolation], reducing_gap=reducing_gap)
 
 
 def center_crop_resize(img: Image.Image, resolution: int, interpolation: str = "bicubic") -> Image.Image:

@@ -26,6 +26,7 @@ import difflib
 import functools
 import io
 import math
+import re
 import string
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -411,6 +412,35 @@ class Free(Rule):
         return "anything"
 
 
+@dataclass(frozen=True)
+class Patterns(Rule):
+    """PEFT's rank_pattern / alpha_pattern: null or {module name or regex: value}. Each key must compile as a
+    regex; each value has the rule of the row `<key>.*` (the range of `method.lora.rank` or `alpha`)."""
+
+    value: str = "value"  # what a pattern maps to, for the message
+    example: str = "{to_k: 8}"
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            return "is not a mapping"
+        return None
+
+    def accepts(self) -> str:
+        return f"a mapping {{module name or regex: {self.value}}}, e.g. {self.example}, or null (none)"
+
+    def message(self, key: str, value, shown: str | None = None) -> str | None:
+        if isinstance(value, Mapping):
+            for pattern in value:
+                try:
+                    re.compile(str(pattern))
+                except re.error as error:
+                    return (f"{key} has the key '{pattern}', which is not a regex ({error}): use a module name, "
+                            "the end of one (to_k), or a valid regex")
+        return super().message(key, value, shown)
+
+
 def _samplers() -> list[str]:
     from personalize.models import SAMPLERS  # imports torch: only when a sampler is checked
 
@@ -447,18 +477,6 @@ def _prompt_templates() -> tuple[str, ...]:
     return tuple(PROMPT_TEMPLATES)
 
 
-def _crops() -> tuple[str, ...]:
-    from personalize.data import CROPS  # data.py imports this module: import it when a value is checked
-
-    return CROPS
-
-
-def _interpolations() -> tuple[str, ...]:
-    from personalize.data import INTERPOLATIONS
-
-    return tuple(INTERPOLATIONS)
-
-
 def _precisions() -> list[str]:
     """What Lightning's Trainer accepts as `precision`, and our `auto`."""
     from typing import get_args
@@ -477,6 +495,10 @@ def _strategies() -> list[str]:
 
 # The settings every filled prompt template may name: see train.prompts_for and sample.format_prompt.
 PROMPT_FIELDS = ("identifier", "class_noun", "phrase")
+# method.data: how a training image is cut from a photo, and the resize filter by PIL's names (personalize/data.py
+# maps each name to its filter)
+CROPS = ("center", "random")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 SEED = Number(int, 0, 2**32 - 1, means="a random seed; numpy's seeds are 32-bit")
 SAMPLER = Choice(_samplers, means="the sampler of generation")
 STEPS = Number(int, 1, means="denoising steps")
@@ -531,8 +553,8 @@ RULES: dict[str, Rule] = {
     "method.batch_size": Number(int, 1, means="photos per step and process"),
     "method.flip": Flag(),
     "method.data_seed": SEED,
-    "method.data.crop": Choice(_crops, means="how a training image is cut from a photo"),
-    "method.data.interpolation": Choice(_interpolations, means="PIL's resize filter"),
+    "method.data.crop": Choice(CROPS, means="how a training image is cut from a photo"),
+    "method.data.interpolation": Choice(INTERPOLATIONS, means="PIL's resize filter"),
     "method.optimizer.betas": Items(length=2, means="AdamW's beta1 and beta2"),
     "method.optimizer.betas.*": Number(float, 0, 1, high_open=True, means="an AdamW beta"),
     "method.optimizer.weight_decay": Number(float, 0, means="AdamW's decoupled weight decay"),
@@ -556,10 +578,11 @@ RULES: dict[str, Rule] = {
     "method.lora.use_dora": Flag(),
     "method.lora.text_encoder_target_modules": Items(min_len=1, means="text encoder module names that get adapters"),
     "method.lora.text_encoder_target_modules.*": Text(),
-    # {module name or regex: rank / alpha}: keys and values (the ranges of rank and alpha) checked in
-    # methods/trainables.lora_patterns
-    "method.lora.rank_pattern": Free(),
-    "method.lora.alpha_pattern": Free(),
+    # {module name or regex: rank / alpha}; each value in the range of rank / alpha
+    "method.lora.rank_pattern": Patterns(value="rank"),
+    "method.lora.rank_pattern.*": Number(int, 1, means="the LoRA rank of the modules the pattern matches"),
+    "method.lora.alpha_pattern": Patterns(value="alpha", example="{to_k: 4.0}"),
+    "method.lora.alpha_pattern.*": Number(float, 0, low_open=True, means="the LoRA alpha of the modules the pattern matches"),
     "method.stages.*.train": Items(min_len=1, means="what the stage trains"),
     "method.stages.*.train.*": Choice(_trainables),
     "method.stages.*.steps": Number(int, 1, means="the stage's optimizer steps"),

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 from personalize.config import CONF_DIR, compose
 from personalize.errors import PersonalizeError
 from personalize.schema import (
-    RULES, Choice, Devices, Flag, Free, Items, Number, Template, Text, check_value, check_values, group_options,
+    RULES, Choice, Devices, Flag, Free, Items, Number, Patterns, Template, Text, check_value, check_values, group_options,
     known_keys, rule_for,
 )
 
@@ -144,7 +144,7 @@ def representative_bad(rule):
     if isinstance(rule, Text) and rule.empty:
         return ["not a string"]
     return {Number: float("nan"), Flag: "yes", Choice: "nope", Text: "", Template: "a photo of {oops}",
-            Items: "not a list", Devices: 0}[type(rule)]
+            Items: "not a list", Devices: 0, Patterns: [8]}[type(rule)]
 
 
 CONFIG_CASES = [key for key, rule in RULES.items() if not isinstance(rule, Free)]
@@ -154,9 +154,14 @@ CONFIG_CASES = [key for key, rule in RULES.items() if not isinstance(rule, Free)
 def test_a_bad_value_anywhere_in_the_composed_config_is_one_line_naming_it(base, pattern):
     """Through check_values on a real composed config: the walk reaches every row's setting."""
     cfg = copy.deepcopy(base)
-    parts = concrete(pattern, OmegaConf.to_container(cfg))
     value = representative_bad(RULES[pattern])
-    set_value(cfg, parts, value)
+    parent = tuple(pattern.split(".")[:-1])
+    if isinstance(rule_for(parent), Patterns):  # a value of {pattern: value}: the mapping is null in the base
+        parts = (*parent, "to_k")
+        set_value(cfg, parent, {"to_k": value})
+    else:
+        parts = concrete(pattern, OmegaConf.to_container(cfg))
+        set_value(cfg, parts, value)
     with pytest.raises(PersonalizeError) as error:
         check_values(cfg)
     written = value if isinstance(value, list) else shown(value)
@@ -205,8 +210,9 @@ def test_every_rule_names_a_setting():
     def known(parts):
         if any(all(p == "*" or p == q for p, q in zip(parts, leaf)) and len(leaf) == len(parts) for leaf in leaves):
             return True
-        # an item of a list setting (`samples.prompts.*`): the list is a leaf with an Items rule
-        return parts[-1] == "*" and isinstance(rule_for(parts[:-1]), Items) and known(parts[:-1])
+        # an item of a list setting: the list is a leaf with an Items rule
+        # (`samples.prompts.*`), or a value of a {pattern: value} setting (`method.lora.rank_pattern.*`)
+        return parts[-1] == "*" and isinstance(rule_for(parts[:-1]), (Items, Patterns)) and known(parts[:-1])
 
     stale = [key for key in RULES if not known(tuple(key.split(".")))]
     assert not stale, f"rows of RULES for settings conf/ does not have: {stale}"

@@ -16,12 +16,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from personalize.rundir import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, load_run_config
@@ -539,28 +537,11 @@ def _pattern_matches(pattern: str, name: str) -> bool:
 
 
 def lora_patterns(lora_cfg, key: str) -> dict:
-    """`method.lora.rank_pattern` / `alpha_pattern`: {module name or regex: rank / alpha}, or null for none.
-    Not a mapping, a key that is not a regex, or a value that `method.lora.rank` / `alpha` could not take is
-    one line."""
-    from personalize.schema import rule_for
-
+    """`method.lora.rank_pattern` / `alpha_pattern`: {module name or regex: rank / alpha}, {} for null. The
+    schema has checked it (a mapping, keys that compile, values in the range of rank / alpha: schema.Patterns)
+    before a run builds anything; what is left to check is which modules a pattern matches (check_against)."""
     value = lora_cfg.get(key)
-    if value is None:
-        return {}
-    if not (OmegaConf.is_dict(value) or isinstance(value, dict)):
-        raise PersonalizeError(f"method.lora.{key}={value} is not a mapping: use {{module name or regex: value}}, "
-                               f"e.g. method.lora.{key}={{to_k: 8}}, or null")
-    rule = rule_for("method.lora.rank" if key == "rank_pattern" else "method.lora.alpha")
-    for pattern, number in value.items():
-        try:
-            re.compile(str(pattern))
-        except re.error as error:
-            raise PersonalizeError(f"method.lora.{key} has the key '{pattern}', which is not a regex ({error}): use a "
-                                   "module name, the end of one (to_k), or a valid regex") from None
-        message = rule.message(f"method.lora.{key}.{pattern}", number)
-        if message:
-            raise PersonalizeError(message)
-    return {str(k): v for k, v in value.items()}
+    return {} if value is None else {str(k): v for k, v in value.items()}
 
 
 def add_to_lora_file(folder: Path, component: str, layers: dict[str, torch.Tensor], metadata: dict) -> None:
