@@ -1,7 +1,7 @@
 """Class images for DreamBooth's prior-preservation loss, generated once and shared through a cache.
 
-The cache folder is named by a hash of everything that decides what the images look like (model and
-revision, prompt, negative prompt, sampler, steps, guidance, resolution, seed). Image i is drawn from
+The cache folder is named by a hash of everything that decides what the images look like (model,
+revision and model.vae, prompt, negative prompt, sampler, steps, guidance, resolution, seed). Image i is drawn from
 seed + i, so a request for 200 reuses the 100 a smaller run made and generates only the rest, and a run
 killed half-way resumes where it stopped. Each image is written to a temporary name and renamed, so no
 half-written PNG is trusted.
@@ -60,9 +60,13 @@ class ClassImageSpec:
     guidance_scale: float
     resolution: int
     seed: int
+    vae: str | None = None  # model.vae: another VAE decodes the images (SDXL's fp16-fix); None: the model's own
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["vae"] is None:  # the key of a spec without model.vae stays what it was before the field existed
+            del fields["vae"]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def folder(self, cache_root: Path) -> Path:

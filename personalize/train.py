@@ -67,6 +67,7 @@ def class_image_spec(cfg: DictConfig, subject: Subject) -> ClassImageSpec:
         prompt=str(ci.prompt).format(class_noun=subject.class_noun), negative_prompt=str(ci.negative_prompt or ""),
         sampler=str(ci.sampler), steps=int(ci.steps), guidance_scale=float(ci.guidance_scale),
         resolution=int(cfg.model.resolution), seed=int(ci.seed),
+        vae=str(cfg.model.vae) if cfg.model.get("vae") else None,
     )
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,31 @@ def test_a_changed_key_regenerates_and_a_larger_count_tops_up(make_cfg, monkeypa
     assert counts == [2, 2, 2, 1]
     folders = sorted(p for p in (tmp_path / "class_images").iterdir() if p.is_dir())
     assert len(folders) == 3  # seed and steps are part of the key; the count is not
+
+
+def test_model_vae_is_part_of_the_key_and_a_spec_without_it_keeps_its_old_key():
+    """Another VAE (SDXL's fp16-fix) decodes other pixels: its own cache folder. Without model.vae the key is
+    the hash of the fields the spec had before `vae` existed, so no cache made then is generated again."""
+    import hashlib
+    import json
+
+    fields = dict(model="/m", revision=None, prompt="a photo of a dog", negative_prompt="", sampler="ddim",
+                  steps=3, guidance_scale=7.5, resolution=64, seed=0)
+    old_key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    plain = class_images.ClassImageSpec(**fields)
+    other_vae = class_images.ClassImageSpec(**fields, vae="madebyollin/sdxl-vae-fp16-fix")
+    assert plain.key() == old_key
+    assert other_vae.key() != plain.key() and other_vae.folder(Path("/c")) != plain.folder(Path("/c"))
+
+
+def test_a_run_with_model_vae_keys_its_class_images_by_it(make_cfg):
+    from personalize.data import Subject
+    from personalize.train import class_image_spec
+
+    cfg = make_cfg("method=dreambooth", "subject=sample_dog", "model=tiny_sdxl")
+    assert class_image_spec(cfg, Subject.from_cfg(cfg.subject)).vae is None
+    cfg.model.vae = "/somewhere/sdxl-vae-fp16-fix"
+    assert class_image_spec(cfg, Subject.from_cfg(cfg.subject)).vae == "/somewhere/sdxl-vae-fp16-fix"
 
 
 @pytest.fixture(scope="module")
