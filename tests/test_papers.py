@@ -5,7 +5,9 @@ DreamBooth paper's own Table 1 (ruiz2023_table1) with its "real images" row.
   differs from its full experiment only in sizes;
 - the real-images record equals a brute-force computation (every pair of distinct photos, one cosine at a
   time) with the same tiny evaluation models on the shipped subject photos, and so does the report's row;
-- both smoke twins run through a sweep and `personalize-report`, which names the setup and shows the row.
+- both smoke twins run through a sweep and `personalize-report`, which names the setup and shows the row;
+- an experiment scores the real images exactly where its paper's table has that row (Ruiz et al.'s does;
+  Zeng et al.'s Table 1, two rows, and Jindal's do not: none is invented for them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from personalize.config import PROJECT_ROOT, compose
+from personalize.config import CONF_DIR, PROJECT_ROOT, compose
 from personalize.data import Subject
 from personalize.errors import PersonalizeError
 from personalize.eval import evaluate as E
@@ -35,6 +37,7 @@ from personalize.eval.settings import EvalSettings, check_settings
 from personalize.eval.standins import ensure_tiny_clip, ensure_tiny_dino
 from personalize.methods.stages import parse_stages
 from personalize.methods.optim import scaled_lr
+from personalize.report.spec import REAL_IMAGES_ROW, load_paper_tables
 from personalize.rundir import REAL_IMAGES_METRICS, REAL_IMAGES_PROTOCOL, REAL_IMAGES_STEP, read_records
 from personalize.train import prompts_for
 from tests import sweeps
@@ -137,6 +140,25 @@ def test_smoke_twin_changes_only_sizes(experiment, methods):
         assert small.model.name == "tiny" and small.hardware.name == "cpu"
         assert [s.steps for s in parse_stages(small.method.stages)] == [
             max(1, round(s.steps / 100)) for s in parse_stages(full.method.stages)]
+
+
+def test_an_experiment_scores_the_real_images_exactly_where_its_papers_table_has_that_row():
+    """eval.real_images gives the report's "real images" row, which stands beside the paper's own. Ruiz et al.'s
+    Table 1 has one; Zeng et al.'s Table 1 has two rows (theirs and DreamBooth on SD) and Jindal's three
+    methods: their experiments score no real images, and their tables get no row the paper does not print.
+    Read from the paper tables the report reads (report.paper_tables, a copy of shared/'s)."""
+    checked = {}
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        cfg = compose("train", [f"experiment={path.stem}"], output_dir="/unused")
+        if cfg.get("table") is None:
+            continue
+        paper = load_paper_tables(compose("report", [f"experiment={path.stem}"], output_dir="/unused").report.paper_tables)
+        checked[path.stem] = REAL_IMAGES_ROW in paper[str(cfg.table.name)]["rows"]
+        assert bool(cfg.eval.get("real_images", False)) == checked[path.stem], path.stem
+    assert checked["ruiz2023_table1"] and checked["ruiz2023_table1_smoke"]
+    assert not checked["zeng2023_table1"] and not checked["zeng2023_table1_smoke"] and not checked["jindal2023_table1_code"]
+    assert set(checked) >= {"zeng2023_table1", "zeng2023_table1_smoke", "ruiz2023_table1", "ruiz2023_table1_smoke",
+                            "jindal2023_table1", "jindal2023_table1_code"}
 
 
 # --------------------------------------------------------------------------------- the real-images row
