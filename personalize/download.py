@@ -4,8 +4,10 @@ A hub SD repository holds far more than a run reads: the single-file checkpoints
 of several GB each, EMA and non-EMA), .bin duplicates of every weight, other precisions, a safety
 checker. `download_patterns` names exactly the files `load_components` and `load_pipeline` read: the
 pipeline index, the scheduler and tokenizer folders, and each network's config and safetensors weights of
-the configured variant. After the download the UNet is checked against `model.unet_sha256` when the config
-has one. The model's evaluation models (CLIP, DINO) are fetched the same way unless `eval_models=false`.
+the configured variant; which networks and tokenizers those are is the model family's (`Backbone.networks`,
+`Backbone.tokenizers`: SDXL has a second of each). A `model.vae` on the Hub (SDXL's fp16-fix) is fetched
+too, its config and full-precision weights. After the download the UNet is checked against
+`model.unet_sha256` when the config has one. The model's evaluation models (CLIP, DINO) are fetched the same way unless `eval_models=false`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from omegaconf import DictConfig
 
+from personalize.backbones import Backbone, backbone_for
+from personalize.backbones.sd import StableDiffusion
 from personalize.errors import PersonalizeError
 from personalize.models import (
     _is_offline,
@@ -30,31 +34,34 @@ from personalize.models import (
 
 log = logging.getLogger(__name__)
 
-# The networks a Stable Diffusion 1.x/2.x pipeline loads, and the stem of their weight files.
-_NETWORKS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 # Files of the evaluation models (transformers' CLIP and ViT): configs, tokenizer and processor files.
 _EVAL_PATTERNS = ["*.json", "*.txt"]
 
 
-def download_patterns(variant: str | None = None, networks: tuple[str, ...] = tuple(_NETWORKS)) -> list[str]:
-    """The `allow_patterns` of a Stable Diffusion pipeline repository: what we load and nothing else.
+def _weights(folder: str, stem: str, variant: str | None) -> list[str]:
+    """A network's config and its safetensors weights of `variant`, single or sharded in diffusers' naming:
+    <stem>.safetensors.index[.variant].json and <stem>[.variant]-00001-of-00002.safetensors."""
+    prefix = f"{folder}/" if folder else ""
+    return [
+        f"{prefix}config.json",
+        f"{prefix}{with_variant(stem + '.safetensors', variant)}",
+        f"{prefix}{with_variant(stem + '.safetensors.index.json', variant)}",
+        f"{prefix}{stem}{'.' + variant if variant else ''}-[0-9]*-of-[0-9]*.safetensors",
+    ]
+
+
+def download_patterns(variant: str | None = None, networks: tuple[str, ...] | None = None,
+                      backbone: type[Backbone] = StableDiffusion) -> list[str]:
+    """The `allow_patterns` of a pipeline repository of `backbone`'s family: what we load and nothing else.
 
     Weights in safetensors only, of `variant` (None: the full-precision files), single or sharded; no
     safety checker or feature extractor (we load the pipeline without them), no root-level checkpoints.
     `networks` limits the weights to those folders (a variant fallback fetches only what lacks the variant).
     """
-    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
-    for folder, stem in _NETWORKS.items():
-        if folder not in networks:
-            continue
-        patterns += [
-            f"{folder}/config.json",
-            f"{folder}/{with_variant(stem + '.safetensors', variant)}",
-            # sharded weights, in diffusers' naming: <stem>.safetensors.index[.variant].json and
-            # <stem>[.variant]-00001-of-00002.safetensors
-            f"{folder}/{with_variant(stem + '.safetensors.index.json', variant)}",
-            f"{folder}/{stem}{'.' + variant if variant else ''}-[0-9]*-of-[0-9]*.safetensors",
-        ]
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", *(f"{t}/*" for t in backbone.tokenizers)]
+    for folder, stem in backbone.networks.items():
+        if networks is None or folder in networks:
+            patterns += _weights(folder, stem, variant)
     return patterns
 
 
@@ -84,11 +91,12 @@ def download_base_model(model_cfg) -> Path:
             f"it, or run this on a machine with network and copy its Hugging Face cache (models--"
             f"{source.replace('/', '--')} under ~/.cache/huggingface/hub, or HF_HOME) here")
     revision, variant = model_cfg.get("revision"), model_cfg.get("variant")
-    folder = _snapshot(source, revision, download_patterns(variant), model_cfg)
-    without = tuple(n for n in _NETWORKS if not any((folder / n).glob("*.safetensors")))
+    backbone = type(backbone_for(model_cfg))
+    folder = _snapshot(source, revision, download_patterns(variant, backbone=backbone), model_cfg)
+    without = tuple(n for n in backbone.networks if not any((folder / n).glob("*.safetensors")))
     if variant and without:  # diffusers loads the full-precision file of a network that lacks the variant
         log.info("no %s weights for %s: fetching their full-precision files", variant, ", ".join(without))
-        folder = _snapshot(source, revision, download_patterns(None, without), model_cfg)
+        folder = _snapshot(source, revision, download_patterns(None, without, backbone), model_cfg)
     unet = folder / unet_weights_file(source, model_cfg)
     if not unet.is_file() and not any((folder / "unet").glob("*.safetensors")):
         raise PersonalizeError(
@@ -97,6 +105,21 @@ def download_base_model(model_cfg) -> Path:
                ": it must be a diffusers pipeline with safetensors weights"))
     origin = f" (the copy of {model_cfg.original_id})" if model_cfg.get("original_id") else ""
     print(f"{source}{origin} is in {folder}{_checked(verify_unet(source, model_cfg))}")
+    download_vae(model_cfg)
+    return folder
+
+
+def download_vae(model_cfg) -> Path | None:
+    """`model.vae` on the Hub: the AutoencoderKL repository's config and full-precision safetensors weights
+    (what the backbone loads in place of the pipeline's VAE); None when there is none or it is a folder."""
+    vae = model_cfg.get("vae")
+    if not vae or is_local_path(str(vae)):
+        return None
+    folder = _snapshot(str(vae), None, _weights("", "diffusion_pytorch_model", None))
+    if not any(folder.glob("*.safetensors")):
+        raise PersonalizeError(f"model.vae={vae}: the repository has no diffusion_pytorch_model.safetensors: it must "
+                               "be a diffusers AutoencoderKL with safetensors weights (or model.vae=null for the pipeline's own)")
+    print(f"model.vae={vae} is in {folder}")
     return folder
 
 

@@ -201,3 +201,51 @@ def test_download_of_a_removed_or_gated_model_is_one_line(served_repos, tmp_path
             in removed.stderr and f"set model.pretrained={MIRROR}" in removed.stderr)
     assert "error: model.pretrained=gated/sd (the copy of stabilityai/stable-diffusion-2-1-base): the model is gated" \
         in gated.stderr
+
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+def test_sdxl_patterns_add_the_second_text_encoder_and_tokenizer():
+    from personalize.backbones.sdxl import StableDiffusionXL
+
+    patterns = download_patterns(backbone=StableDiffusionXL)
+    assert patterns[:4] == ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
+    files = SD21_FILES + ["text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+                          "text_encoder_2/model.fp16.safetensors", "text_encoder_2/pytorch_model.bin",
+                          "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "sd_xl_base_1.0.safetensors"]
+    assert _selected(patterns, files) == _selected(download_patterns(), SD21_FILES) | {
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt"}
+
+
+def test_download_of_sdxl_fetches_both_encoders_and_model_vae_then_loads_offline(isolated_cache, tmp_path):
+    """model=sdxl with model.vae on the Hub: the tiny SDXL served under the real id and its VAE as the fp16-fix
+    repository; after the download the backbone loads everything offline, the VAE from the other repository."""
+    from personalize.config import compose
+    from personalize.models import resolve_pretrained
+
+    tiny = Path(resolve_pretrained(compose("train", ["model=tiny_sdxl"], output_dir="/unused").model))
+    extra = {"text_encoder_2/pytorch_model.bin": b"not for us", "sd_xl_base_1.0.safetensors": b"not for us"}
+    repos = [FakeRepo(SDXL, tiny, extra), FakeRepo(SDXL_VAE, tiny / "vae", {"diffusion_pytorch_model.bin": b"no"})]
+    args = ["model=sdxl", f"model.vae={SDXL_VAE}", "eval_models=false"]
+    with FakeHub(repos) as hub:
+        result = _cli(args, _env(tmp_path, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url))
+        fetched, fetched_vae = hub.downloaded(SDXL), hub.downloaded(SDXL_VAE)
+    assert result.returncode == 0, result.stderr
+    assert {"text_encoder_2/config.json", "text_encoder_2/model.safetensors"} <= fetched
+    assert {f for f in repos[0].files if f.startswith("tokenizer_2/")} <= fetched and not fetched & set(extra)
+    assert fetched_vae == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert f"model.vae={SDXL_VAE} is in" in result.stdout
+
+    script = f"""
+from personalize.config import compose
+from personalize.backbones import load_components
+model = compose("train", ["model=sdxl", "model.vae={SDXL_VAE}"], output_dir="/unused").model
+c = load_components(model)
+print("OFFLINE OK", type(c).__name__, type(c.extra["text_encoder_2"]).__name__, type(c.vae).__name__)
+"""
+    offline = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, env=_env(tmp_path, HF_HUB_OFFLINE="1"),
+                             capture_output=True, text=True, timeout=300)
+    assert "OFFLINE OK SDXLComponents CLIPTextModelWithProjection AutoencoderKL" in offline.stdout, \
+        offline.stdout + offline.stderr[-3000:]

@@ -83,6 +83,10 @@ class Backbone:
     default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules LoRA adapts when method.lora.target_modules is null
     supports_editing: ClassVar[bool] = False  # prompt-to-prompt's attention control knows its attention layers
     supported_trainables: ClassVar[tuple[str, ...] | None] = None  # what a stage may train on it; None: every Trainable
+    # the pipeline repository's folders a run reads (personalize-download fetches these and nothing else): each
+    # network's folder -> the stem of its weight files, and the tokenizer folders
+    networks: ClassVar[dict[str, str]]
+    tokenizers: ClassVar[tuple[str, ...]]
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg

@@ -26,6 +26,8 @@ class StableDiffusion(Backbone):
     pipeline_class = "StableDiffusionPipeline"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' examples
     supports_editing = True
+    networks = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+    tokenizers = ("tokenizer",)
 
     def check_model(self, method_cfg=None) -> None:
         """- It predicts what the objective can train (scheduler/scheduler_config.json `prediction_type`), and

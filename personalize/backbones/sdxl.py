@@ -44,6 +44,8 @@ class StableDiffusionXL(StableDiffusion):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # as train_dreambooth_lora_sdxl.py
     supports_editing = False  # the prompt-to-prompt controller knows SD's attention layers and conditioning only
     supported_trainables = ("unet", "lora")
+    networks = {**StableDiffusion.networks, "text_encoder_2": "model"}  # CLIP ViT-L and OpenCLIP ViT-bigG
+    tokenizers = ("tokenizer", "tokenizer_2")
 
     def check_model(self, method_cfg=None) -> None:
         """SD's checks (prediction type, timestep range, resolution), then: the UNet takes SDXL's added
