@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from omegaconf import OmegaConf
 
 from personalize.rundir import CHECKPOINTS_DIR, EVAL_DIR, WANDB_DIR, list_checkpoints, metrics_path, samples_dir, step_of
-from personalize.devices import dtype_name
+from personalize.devices import dtype_name, resolve_hardware
+from personalize.methods.optim import scaled_lr
 
 
 def hardware_choice(hw_cfg, accelerator: str, precision: str, frozen: torch.dtype) -> str:
@@ -27,15 +30,53 @@ def hardware_choice(hw_cfg, accelerator: str, precision: str, frozen: torch.dtyp
     return f"{hw_cfg.name} -> {picked}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
+def planned_world_size(hw_cfg) -> int | None:
+    """How many processes the Trainer will run (devices x num_nodes, devices as Lightning parses them for
+    the accelerator), known before it exists; None where Lightning would refuse the devices (it says why
+    when the Trainer starts)."""
+    accelerator = CUDAAccelerator if resolve_hardware(hw_cfg)[0] == "gpu" else CPUAccelerator
+    devices = hw_cfg.get("devices", 1)
+    devices = list(devices) if OmegaConf.is_list(devices) else devices
+    try:
+        parsed = accelerator.parse_devices(accelerator.auto_device_count() if devices == "auto" else devices)
+    except Exception:  # noqa: BLE001 - e.g. more GPUs asked for than visible: the Trainer's own error says so
+        return None
+    count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
+    return count * int(hw_cfg.get("num_nodes", 1) or 1) if count else None
+
+
+def lr_text(lr: float, method_cfg, world_size: int | None) -> str:
+    """An lr as it trains: with method.scale_lr, the scaled one and what it came from ("1e-05 (5e-06 x 2,
+    scale_lr)"), computed by the optimizer's own `scaled_lr`."""
+    if not method_cfg.get("scale_lr", False):
+        return f"{lr:g}"
+    per_process = int(method_cfg.get("gradient_accumulation_steps", 1) or 1) * int(method_cfg.batch_size)
+    if world_size is None:
+        return f"{lr:g} x {per_process} x the process count (scale_lr)"
+    return f"{scaled_lr(lr, method_cfg, world_size):g} ({lr:g} x {per_process * world_size}, scale_lr)"
+
+
+def stage_line(stage, method_cfg, world_size: int | None) -> str:
+    """What a stage trains, for how long, at which lr: the stage's, then each trainable's own
+    (`trainable_lr`) and how long it trains (`trainable_frac`), all as they train (scale_lr applied)."""
+    own = []
+    for name in stage.train:
+        frozen_from = stage.frozen_from(name)
+        if name not in dict(stage.trainable_lr) and frozen_from is None:
+            continue
+        part = name + (f" at lr {lr_text(stage.lr_for(name), method_cfg, world_size)}" if name in dict(stage.trainable_lr) else "")
+        own.append(part + (f" for its first {frozen_from} steps" if frozen_from is not None else ""))
+    return (f"  stage {stage.name}: trains {'+'.join(stage.train)} for {stage.steps} steps at lr "
+            f"{lr_text(stage.lr, method_cfg, world_size)}" + "".join(f", {part}" for part in own)
+            + (f", prior loss x{stage.prior_loss_weight:g}" if stage.prior_loss_weight > 0 else ""))
+
+
 def start_lines(cfg, subject, stages, num_photos: int, hardware: str, run_dir: Path, resumed_from: str | None) -> list[str]:
     model = cfg.model
     provenance = model.get("original_id")
     model_line = f"{model.name}: {model.pretrained}" + (f" (mirror of {provenance})" if provenance and provenance != model.pretrained else "")
-    stage_lines = [
-        f"  stage {s.name}: trains {'+'.join(s.train)} for {s.steps} steps at lr {s.lr:g}"
-        + (f", prior loss x{s.prior_loss_weight:g}" if s.prior_loss_weight > 0 else "")
-        for s in stages
-    ]
+    world_size = planned_world_size(cfg.hardware) if cfg.method.get("scale_lr", False) else 1
+    stage_lines = [stage_line(s, cfg.method, world_size) for s in stages]
     eval_cfg = cfg.get("eval")
     evaluation = ("none" if eval_cfg is None or not eval_cfg.get("enabled", True)
                   else ", ".join(str(p) for p in eval_cfg.get("protocols", [])) or "none")

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from personalize.banner import hardware_choice
+from personalize.banner import hardware_choice, start_lines
+from personalize.data import Subject
+from personalize.methods.stages import parse_stages
 
 BIN = Path(sys.executable).parent
 
@@ -46,3 +48,43 @@ def test_a_run_prints_its_settings_first_and_where_everything_went_last(tmp_path
     assert end["checkpoints"].startswith(f"checkpoints   {run_dir / 'checkpoints'} (steps 2;")
     assert end["samples"] == f"samples       {run_dir / 'samples'}"
     assert f"personalize-eval run_dir={run_dir}" in end["next"]
+
+
+def _stage_lines(cfg, tmp_path) -> list[str]:
+    stages = parse_stages(cfg.method.stages)
+    lines = start_lines(cfg, Subject.from_cfg(cfg.subject), stages, 5, "cpu", tmp_path, None)
+    return lines[1:1 + len(stages)]
+
+
+def test_stage_lines_show_the_lr_that_trains_under_scale_lr(make_cfg, tmp_path):
+    """scale_lr multiplies every lr by batch x accumulation x processes (here 2 x 2 x the 2 processes of
+    ddp_cpu): the banner shows that product and what it came from."""
+    cfg = make_cfg("method=two_stage", "method.scale_lr=true", "method.batch_size=2", "method.gradient_accumulation_steps=2",
+                   "hardware=ddp_cpu")
+    method = cfg.method
+    factor = int(method.batch_size) * int(method.gradient_accumulation_steps) * int(cfg.hardware.devices)
+    assert factor == 8
+    token, unet = method.stages.token, method.stages.unet
+    assert _stage_lines(cfg, tmp_path) == [
+        f"  stage token: trains token for {token.steps} steps at lr {token.lr * factor:g} ({token.lr:g} x 8, scale_lr)",
+        f"  stage unet: trains unet for {unet.steps} steps at lr {unet.lr * factor:g} ({unet.lr:g} x 8, scale_lr)",
+    ]
+    assert _stage_lines(make_cfg("method=two_stage"), tmp_path) == [  # without it, the lrs as configured
+        f"  stage token: trains token for {token.steps} steps at lr {token.lr:g}",
+        f"  stage unet: trains unet for {unet.steps} steps at lr {unet.lr:g}",
+    ]
+
+
+def test_stage_lines_show_each_trainables_own_lr_and_how_long_it_trains(make_cfg, tmp_path):
+    cfg = make_cfg("method=pivotal")
+    stage = cfg.method.stages.pivotal
+    token_lr, token_steps = stage.trainable_lr.token, int(stage.trainable_frac.token * stage.steps)
+    assert _stage_lines(cfg, tmp_path) == [
+        f"  stage pivotal: trains lora+token for {stage.steps} steps at lr {stage.lr:g}, "
+        f"token at lr {token_lr:g} for its first {token_steps} steps"]
+
+    scaled = make_cfg("method=pivotal", "method.scale_lr=true", "method.stages.pivotal.trainable_lr={token: 2.5e-6}")
+    factor = int(scaled.method.batch_size)  # one process, no accumulation
+    assert _stage_lines(scaled, tmp_path) == [
+        f"  stage pivotal: trains lora+token for {stage.steps} steps at lr {stage.lr * factor:g} ({stage.lr:g} x {factor}, "
+        f"scale_lr), token at lr {2.5e-6 * factor:g} (2.5e-06 x {factor}, scale_lr) for its first {token_steps} steps"]
