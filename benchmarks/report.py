@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.catalog import class_image_count, method_names, method_stages, training_rows as catalog_rows
+from benchmarks.catalog import (VARIANTS_FILE, class_image_count, method_stages, run_names, training_rows as catalog_rows,
+                                variants)
 from benchmarks.measure import ratios, summary
 from personalize.config import CONF_DIR
 from personalize.methods.stages import checkpoint_steps, parse_stages
@@ -25,13 +26,15 @@ TARGETS = {"step_vs_floor": ("<=", 1.05), "e2e": ("<=", 0.15), "eval_generation"
 E2E_TWO_STAGE_UNET_STEPS = 400
 
 
-def row_ids(conf_dir: Path = CONF_DIR) -> list[str]:
-    """Every row a complete benchmark has, in table order (the training rows come from conf/method/)."""
-    rows = catalog_rows(conf_dir)
+def row_ids(conf_dir: Path = CONF_DIR, variants_file: Path = VARIANTS_FILE) -> list[str]:
+    """Every row a complete benchmark has, in table order (the training rows come from conf/method/ and
+    the option variants of benchmarks/variants.yaml)."""
+    rows = catalog_rows(conf_dir, variants_file)
     ids = [f"step_vs_floor/{row.name}" for row in rows]
+    ids += [f"vs_plain/{row.name}" for row in rows if row.plain]
     ids += [f"naive_vs_ours/{row.name}" for row in rows]
     ids += ["class_images/ours_vs_stock", "e2e/two_stage_vs_dreambooth", "eval/generation_vs_raw", "eval/metric_share"]
-    ids += [f"peak_memory/{method}" for method in method_names(conf_dir)]
+    ids += [f"peak_memory/{name}" for name in run_names(conf_dir, variants_file)]
     return ids
 
 
@@ -107,12 +110,41 @@ def _step_why(s: dict, rec: dict) -> str:
     return "; ".join(parts) + f" ({s['ours_vs_floor']['n']} pairs)"
 
 
+def vs_plain_row(row, training: dict) -> dict:
+    """An option variant's step ÷ its plain method's step, both as measured in this run (ours, medians).
+
+    The two come from different worker processes, run one after the other: not paired like step ÷
+    floor, so the spread is the quartiles' extremes (p25 ÷ p75 to p75 ÷ p25). The why gives the floors'
+    ratio beside it: what the option adds to the least work a step does."""
+    id_, figure = f"vs_plain/{row.name}", f"step ÷ plain {row.plain} step: {row.name}"
+    rec = _stage(training, row.run, row.stage)
+    plain = next(r for r in catalog_rows() if r.name == row.plain)
+    base = _stage(training, plain.run, plain.stage)
+    if rec is None or base is None:
+        why, status = _missing(training.get(row.run if rec is None else plain.run))
+        if status == "not measured" and rec is not None:
+            why = f"needs {plain.run} measured in the same run ({why})"
+        return _row(id_, 1, figure, None, None, why=why, status=status)
+    ours, plain_ours = summary(rec["ours"]), summary(base["ours"])
+    floor, plain_floor = _med(summary(rec["floor"])), _med(summary(base["floor"]))
+    what = next((v.what for v in variants() if v.name == row.run), "")
+    why = (f"{what}: {row.name} {ours['median']:.3f} s vs {row.plain} {plain_ours['median']:.3f} s per step "
+           f"(medians, {ours['n']} and {plain_ours['n']} steps); floors {floor:.3f} vs {plain_floor:.3f} s "
+           f"({floor / plain_floor:.3f})")
+    spread = None
+    if ours.get("p25") is not None and plain_ours.get("p25") is not None:
+        spread = [ours["p25"] / plain_ours["p75"], ours["p75"] / plain_ours["p25"]]
+    return _row(id_, 1, figure, ours["median"] / plain_ours["median"], spread, why=why)
+
+
 def training_rows(training: dict) -> list[dict]:
-    rows, naive_rows = [], []
+    rows, plain_rows, naive_rows = [], [], []
     for row in catalog_rows():
-        name, rec = row.name, _stage(training, row.method, row.stage)
+        name, rec = row.name, _stage(training, row.run, row.stage)
+        if row.plain:
+            plain_rows.append(vs_plain_row(row, training))
         if rec is None:
-            why, status = _missing(training.get(row.method))
+            why, status = _missing(training.get(row.run))
             rows.append(_row(f"step_vs_floor/{name}", 1, f"step ÷ floor: {name}", None, None,
                              target=TARGETS["step_vs_floor"], why=why, status=status))
             naive_rows.append(_row(f"naive_vs_ours/{name}", 2, f"naive ÷ ours: {name}", None, None, why=why,
@@ -125,12 +157,12 @@ def training_rows(training: dict) -> list[dict]:
         naive_rows.append(_row(f"naive_vs_ours/{name}", 2, f"naive ÷ ours: {name}", _med(s["naive_vs_ours"]),
                                _spread(s["naive_vs_ours"]),
                                why=f"naive {naive:.3f} s vs ours {ours:.3f} s per step ({s['naive_vs_ours']['n']} pairs)"))
-    return rows + naive_rows
+    return rows + plain_rows + naive_rows
 
 
 def memory_rows(training: dict) -> list[dict]:
     rows = []
-    for method in method_names():
+    for method in run_names():  # every method's run and every variant's
         res = training.get(method) or {}
         stages = res.get("stages") or {}
         peaks = {name: rec.get("peak_rss_mb") for name, rec in stages.items()}
@@ -334,7 +366,8 @@ def format_table(rows: list[dict]) -> str:
             spread = f"{_fmt(lo, r['unit'])}-{_fmt(hi, r['unit'])}"
         lines.append(f"{r['item']:<2} {r['figure'][:58]:<58} {target:<8} {_fmt(r['value'], r['unit']):>9} "
                      f"{spread:>18}  {r['status']}")
-        measured_detail = r["item"] in (3, 4, 5) and r["value"] is not None
+        # the estimates and a variant's cost say what they are made of
+        measured_detail = (r["item"] in (3, 4, 5) or r["id"].startswith("vs_plain/")) and r["value"] is not None
         if r["status"] not in ("met", "info", "not measured") or measured_detail:
             lines.append(f"{'':<3}  ↳ {r['why']}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import lightning
 import torch
 import transformers
 
-from benchmarks.catalog import method_names
+from benchmarks.catalog import method_names, variants
 from benchmarks.measure import Clock
 from benchmarks.models import ensure_eval_models, ensure_model, parameter_counts, resolution_of
 from benchmarks.report import all_rows, format_table
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hardware", default=None, help="conf/hardware option (default: cpu on CPU, auto on GPU)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to measure (default: every conf/method/*.yaml but _*)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated option variants of benchmarks/variants.yaml to measure, or none "
+                        "(default: those of the methods measured)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per stage and path")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per stage and path")
     p.add_argument("--gen-reps", type=int, default=None, help="reps of each generation measurement")
@@ -79,7 +82,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         p.error(f"--methods has {unknown[0]!r}, which is not a method of conf/method/: choose from {', '.join(known)}")
+    by_name = {v.name: v for v in variants()}
+    if args.variants is None:
+        args.variants = [name for name, v in by_name.items() if v.method in args.methods]
+    elif args.variants.strip() == "none":
+        args.variants = []
+    else:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in args.variants if v not in by_name]
+        if unknown:
+            p.error(f"--variants has {unknown[0]!r}, which is not a variant of benchmarks/variants.yaml: "
+                    f"choose from {', '.join(by_name)}, or none")
     return args
+
+
+def training_jobs(args) -> list[tuple[str, str, list[str]]]:
+    """(run name, method, its own overrides) of every training worker, each variant right after its plain
+    method (so the two, whose steps the vs_plain rows compare, run as close in time as they can)."""
+    chosen = [v for v in variants() if v.name in args.variants]
+    jobs = []
+    for method in args.methods:
+        jobs.append((method, method, []))
+        jobs += [(v.name, v.method, list(v.overrides)) for v in chosen if v.method == method]
+    return jobs + [(v.name, v.method, list(v.overrides)) for v in chosen if v.method not in args.methods]
 
 
 # ------------------------------------------------------------------ workers (in a child process or in this one)
@@ -138,7 +163,7 @@ def _worker_main(spec_path: str) -> None:
 
 def run_worker(spec: dict, in_process: bool, log_dir: Path) -> dict:
     """The worker's result, or {"error": ...} (the benchmark goes on and the row says so)."""
-    name = spec.get("method", spec["kind"])
+    name = spec.get("name", spec["kind"])
     if in_process:
         try:
             return WORKERS[spec["kind"]](spec)
@@ -173,6 +198,7 @@ def _meta(args, shape: str, device: str, hardware: str, threads, plan: Plan, gen
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "lightning": lightning.__version__},
         "plan": asdict(plan), "gen_reps": gen_reps, "gen_steps": gen_steps, "overrides": args.overrides,
+        "variants": {v.name: list(v.overrides) for v in variants() if v.name in args.variants},
         "loadavg_start": os.getloadavg(),
     }
     try:
@@ -238,12 +264,13 @@ def _run(args) -> dict:
                   overrides=args.overrides, plan=asdict(plan))
 
     training: dict = {}
-    methods = args.methods
-    for i, method in enumerate(methods, 1):
+    jobs = training_jobs(args)
+    for i, (name, method, overrides) in enumerate(jobs, 1):
         start = time.perf_counter()
-        training[method] = run_worker(dict(common, kind="train", method=method), in_process, log_dir)
-        note = training[method].get("error", "")
-        print(f"  [{i}/{len(methods)}] {method}: {time.perf_counter() - start:.0f} s {note}", flush=True)
+        spec = dict(common, kind="train", name=name, method=method, overrides=[*args.overrides, *overrides])
+        training[name] = run_worker(spec, in_process, log_dir)
+        note = training[name].get("error", "")
+        print(f"  [{i}/{len(jobs)}] {name}: {time.perf_counter() - start:.0f} s {note}", flush=True)
     gen: dict = {"skipped": "skipped (--skip-generation)"}
     if not args.skip_generation:
         start = time.perf_counter()

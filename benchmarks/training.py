@@ -13,13 +13,19 @@ The floor has the trainable set of the stage and nothing else: fixed noised late
 and prompt embeddings already on the device; one step is `zero_grad`, UNet forward, MSE, backward and
 an optimizer step of the stage's algorithm in its fastest standard implementation (torch AdamW with
 `fused=True` where the stage uses torch AdamW; the stage's own optimizer otherwise, e.g. 8-bit AdamW).
-No gradient clipping, no logging, no data. When the text side trains (the new token, or the text
-encoder), the text-encoder forward of each distinct prompt is part of the floor, because the gradient
-must reach the token through it. Same precision (autocast) context as ours.
+No gradient clipping, no logging, no data. It processes the rows one optimizer step of ours does: with
+`gradient_accumulation_steps` k, k micro-batches of `batch_size` rows (and as many class rows), each a
+forward and a backward, then one optimizer step (a floor of one micro-batch would make the ratio read
+~k). What the step cannot do without is in the floor too: when the text side trains (the new token,
+the text encoder or its LoRA), the text-encoder forward of each distinct prompt, once per step, because
+the gradient must reach it through that forward; with random crops (`method.data.crop=random`), the VAE
+encode of the step's photos, because a fresh crop has no cached latents. Same precision (autocast)
+context as ours.
 
 The naive path is what the diffusers training examples do every step: tokenize the batch's prompts,
 VAE-encode the batch's pixels and run the text encoder on every example, then noise, UNet, loss (with
-the prior term), backward, gradient clipping and the stage's own optimizer (as configured).
+the prior term), backward, gradient clipping and the stage's own optimizer (as configured); with
+accumulation, k such micro-batches (VAE and text encoder on each) before the one optimizer step.
 
 At the end of each stage the parts of the difference are timed alone (`components`): the stage's own
 optimizer step, the floor's, and the gradient clipping the method asks for.
@@ -47,16 +53,13 @@ from PIL import Image
 from benchmarks.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
 from personalize.class_images import image_path
 from personalize.config import compose
-from personalize.data import Subject, load_subject_images
+from personalize.data import DataSettings, Subject, load_subject_images
 from personalize.io import atomic_save_image
 from personalize.methods.stages import parse_stages, stage_at
 from personalize.methods.trainables import encodes_prompt
 from personalize.train import class_image_spec, fit, prepare_run
 
 log = logging.getLogger(__name__)
-
-# What trains in a stage; the text side trains when the token or the text encoder does.
-
 
 @dataclass
 class Plan:
@@ -82,36 +85,42 @@ class _Path:
         self.scaler = torch.amp.GradScaler("cuda") if str(trainer.precision) in ("16-mixed", "16") else None
         self.text_trains = encodes_prompt(stage.train)  # the prompt is encoded with gradients
         self.prior = stage.prior_loss_weight > 0
-        self.batch = module.batch_size
+        self.batch = module.batch_size  # instance rows per micro-batch (and as many class rows with a prior)
+        self.accumulation = module.accumulation  # micro-batches per optimizer step
 
     def _ids(self, prompts: list[str]) -> torch.Tensor:
         tok = self.module.tokenizer
         return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids.to(self.device)
 
-    def _backward_step(self, loss: torch.Tensor, clip: float = 0.0) -> None:
+    def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """One micro-batch's backward; its loss is weighted by its share of the step's rows."""
+        if self.accumulation > 1:
+            loss = loss / self.accumulation
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
+
+    def _step(self, clip: float = 0.0) -> None:
+        """The optimizer step after the step's last backward (with the clipping the method asks for)."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params, clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.params, clip)
             self.optimizer.step()
 
 
 def fastest_equivalent(optimizer):
-    """The same update in its fastest standard implementation: torch AdamW -> AdamW(fused=True)."""
+    """The same update in its fastest standard implementation: torch AdamW -> AdamW(fused=True), with the
+    same parameter groups (a trainable's own lr stays its own)."""
     if type(optimizer) is not torch.optim.AdamW or optimizer.defaults.get("fused"):
         return optimizer
-    group = optimizer.param_groups[0]
+    keys = ("params", "lr", "betas", "eps", "weight_decay")
     try:
-        return torch.optim.AdamW([p for g in optimizer.param_groups for p in g["params"]], lr=group["lr"],
-                                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], fused=True)
+        return torch.optim.AdamW([{k: group[k] for k in keys} for group in optimizer.param_groups], fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return optimizer
 
@@ -119,14 +128,22 @@ def fastest_equivalent(optimizer):
 class FloorStep(_Path):
     """UNet forward + backward + optimizer step on cached latents and embeddings (see the module doc)."""
 
-    def __init__(self, module, stage, trainer, latent_shape: tuple[int, int, int]):
+    def __init__(self, module, stage, trainer, latent_shape: tuple[int, int, int], crop_size: int | None = None):
+        """`crop_size`: the resolution, where the method takes random crops (`method.data.crop=random`)."""
         super().__init__(module, stage, trainer)
         self.optimizer = fastest_equivalent(self.optimizer)
-        n = self.batch * (2 if self.prior else 1)
+        n = self.batch * (2 if self.prior else 1)  # UNet rows of one micro-batch
         g = torch.Generator().manual_seed(0)
-        self.noisy = torch.randn(n, *latent_shape, generator=g).to(self.device)
-        self.target = torch.randn(n, *latent_shape, generator=g).to(self.device)
-        self.timesteps = torch.randint(0, 1000, (n,), generator=g).to(self.device)
+        shape = (self.accumulation, n, *latent_shape)  # [micro-batch, row, ...]: the rows of one optimizer step
+        self.noisy = torch.randn(*shape, generator=g).to(self.device)
+        self.target = torch.randn(*shape, generator=g).to(self.device)
+        self.timesteps = torch.randint(0, 1000, shape[:2], generator=g).to(self.device)
+        # random crops: the step's photos as pixels, VAE-encoded every step (their latents replace the
+        # instance rows' fixed ones, so the encode is used, as ours uses it)
+        self.crops = None
+        if crop_size:
+            pixels = torch.rand(self.accumulation * self.batch, 3, crop_size, crop_size, generator=g) * 2 - 1
+            self.crops = pixels.to(self.device)
         prompts = [module.instance_prompt] + ([module.class_prompt] if self.prior else [])
         self.ids = self._ids(prompts)  # one row per distinct prompt
         self.embeds = None
@@ -136,16 +153,34 @@ class FloorStep(_Path):
 
     def _encode(self) -> torch.Tensor:
         hidden = self.module.text_encoder(self.ids)[0]
-        return hidden.repeat_interleave(self.batch, dim=0)  # [instance]*B (+ [class]*B)
+        return hidden.repeat_interleave(self.batch, dim=0)  # [instance]*B (+ [class]*B): one micro-batch's rows
+
+    def _noisy(self) -> torch.Tensor:
+        """The step's noised inputs [micro-batch, row, ...]; with random crops the instance rows come from
+        this step's VAE encode (as ours: one encode of all the step's photos, then noised)."""
+        if self.crops is None:
+            return self.noisy
+        m = self.module
+        with torch.no_grad():
+            latents = m.vae.encode(self.crops.to(m.vae.dtype)).latent_dist.mean.float() * m.vae.config.scaling_factor
+        rows = self.target[:, :self.batch].flatten(0, 1)  # the instance rows' noise, one row per photo
+        instance = m.noise_scheduler.add_noise(latents, rows, self.timesteps[:, :self.batch].flatten())
+        instance = instance.view(self.accumulation, self.batch, *instance.shape[1:])
+        return torch.cat([instance, self.noisy[:, self.batch:]], dim=1)
 
     def __call__(self) -> None:
         unet = self.module.unet
         self.optimizer.zero_grad(set_to_none=True)
         with self.context():
+            noisy = self._noisy()
+            # one text-encoder forward per step, its graph kept for every micro-batch's backward (as ours)
             embeds = self._encode() if self.text_trains else self.embeds
-            pred = unet(self.noisy.to(unet.dtype), self.timesteps, embeds.to(unet.dtype)).sample
-            loss = F.mse_loss(pred.float(), self.target)
-        self._backward_step(loss)
+            for i in range(self.accumulation):
+                pred = unet(noisy[i].to(unet.dtype), self.timesteps[i], embeds.to(unet.dtype)).sample
+                loss = F.mse_loss(pred.float(), self.target[i])
+                last = i == self.accumulation - 1
+                self._backward(loss, retain_graph=self.text_trains and not last)
+        self._step()
 
 
 class NaiveStep(_Path):
@@ -158,7 +193,8 @@ class NaiveStep(_Path):
         self.max_grad_norm = max_grad_norm
         self.rng = np.random.default_rng(0)
 
-    def __call__(self) -> None:
+    def _micro_batch(self) -> None:
+        """Forward and backward of one micro-batch, the data loader's work and both encoders included."""
         m, b = self.module, self.batch
         # the data loader's work: pick the examples, tokenize their prompts, move pixels to the device
         pixels = self.instance_pixels[self.rng.integers(len(self.instance_pixels), size=b)]
@@ -169,7 +205,6 @@ class NaiveStep(_Path):
         ids = self._ids(prompts)
         pixels = pixels.to(self.device, m.vae.dtype)
 
-        self.optimizer.zero_grad(set_to_none=True)
         with self.context():
             with torch.no_grad():
                 latents = m.vae.encode(pixels).latent_dist.sample() * m.vae.config.scaling_factor
@@ -183,7 +218,13 @@ class NaiveStep(_Path):
             loss = F.mse_loss(pred[:b], noise[:b])
             if self.prior:
                 loss = loss + self.stage.prior_loss_weight * F.mse_loss(pred[b:], noise[b:])
-        self._backward_step(loss, clip=self.max_grad_norm)
+        self._backward(loss)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.accumulation):  # accelerate's accumulate(): step after the k-th micro-batch
+            self._micro_batch()
+        self._step(clip=self.max_grad_norm)
 
 
 def components(floor: FloorStep, naive: NaiveStep, clock: Clock, reps: int = 3) -> dict:
@@ -398,6 +439,24 @@ def instrumented_fit(run, first: L.Callback | None = None, last: L.Callback | No
                sample=False, evaluate=False)
 
 
+def side_paths(cfg, resolution: int, class_images: int):
+    """(make_floor, make_naive, the subject's photos) for a run of `cfg`: each maker builds its path on the
+    run's module, stage and trainer (what InterleavedTimer calls once a stage's steps are warm)."""
+    latent_shape = (4, resolution // 8, resolution // 8)
+    instance_pixels = load_subject_images(Path(str(cfg.subject.data_dir)), resolution)
+    class_pixels = torch.rand(class_images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    max_norm = float(cfg.method.optimizer.get("max_grad_norm") or 0)
+    crop_size = resolution if DataSettings.from_cfg(cfg.method).crop == "random" else None
+
+    def make_floor(module, stage, trainer) -> FloorStep:
+        return FloorStep(module, stage, trainer, latent_shape, crop_size)
+
+    def make_naive(module, stage, trainer) -> NaiveStep:
+        return NaiveStep(module, stage, trainer, instance_pixels, class_pixels, max_norm)
+
+    return make_floor, make_naive, instance_pixels
+
+
 def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, plan: Plan,
                  overrides: list[str] = (), work_dir: Path | None = None) -> dict:
     """Every training figure of one method (all of its stages), measured in this process."""
@@ -412,14 +471,8 @@ def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, p
         module, device = run.module, run.device
         clock = Clock(device)
 
-        latent_shape = (4, resolution // 8, resolution // 8)
-        instance_pixels = load_subject_images(Path(str(cfg.subject.data_dir)), resolution)
-        class_pixels = torch.rand(plan.class_images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
-        max_norm = float(cfg.method.optimizer.get("max_grad_norm") or 0)
-        timer = InterleavedTimer(
-            plan, lambda m, s, t: FloorStep(m, s, t, latent_shape),
-            lambda m, s, t: NaiveStep(m, s, t, instance_pixels, class_pixels, max_norm), clock, device,
-        )
+        make_floor, make_naive, instance_pixels = side_paths(cfg, resolution, plan.class_images)
+        timer = InterleavedTimer(plan, make_floor, make_naive, clock, device)
         tail = TailClock(timer)
         fit_start = time.perf_counter()
         instrumented_fit(run, timer, tail)
@@ -441,7 +494,7 @@ def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, p
             artifacts[stage.name] = {"seconds": seconds, "contents": contents}
             shutil.rmtree(work_dir / "saves", ignore_errors=True)
         return {
-            "method": method, "accelerator": run.accelerator, "precision": run.precision,
+            "method": method, "overrides": list(overrides), "accelerator": run.accelerator, "precision": run.precision,
             "device": str(device), "hardware": hardware, "batch_size": module.batch_size,
             "configured": configured, "stages": timer.stages,
             "prepare_s": prepare_s, "fit_s": fit_s, "threads": torch.get_num_threads(),

@@ -17,19 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from omegaconf import OmegaConf
 
-from benchmarks.catalog import method_names, method_stages, training_rows
+import lightning as L
+
+from benchmarks.catalog import composed_method, method_names, method_stages, training_rows, variants
 from benchmarks.report import row_ids
-from benchmarks.run import main
-from benchmarks.training import Plan, compose_method, placeholder_class_images
+from benchmarks.run import main, parse_args, training_jobs
+from benchmarks.training import Plan, compose_method, instrumented_fit, placeholder_class_images, side_paths
 from personalize import instrument
 from personalize.config import CONF_DIR, PROJECT_ROOT, compose
 from personalize.data import Subject
 from personalize.backbones import load_pipeline
 from personalize.methods.stages import parse_stages
 from personalize.tiny import TINY_RESOLUTION
-from personalize.train import prepare_class_images
+from personalize.train import prepare_class_images, prepare_run
 
 # The ids docs/benchmark.md cites: they must survive the move to rows built from conf/method/.
 DOCUMENTED_TRAINING_ROWS = ["textual_inversion", "two_stage.token", "two_stage.unet", "dreambooth", "lora", "finetune"]
@@ -72,11 +75,16 @@ def _stages_from_files(conf_dir: Path) -> dict[str, list[str]]:
             if not p.stem.startswith("_")}
 
 
-def test_training_rows_are_every_stage_of_every_method_file():
+def test_training_rows_are_every_stage_of_every_method_file_then_every_variant():
     expected = []
     for method, stages in _stages_from_files(CONF_DIR).items():
         expected += [(method if len(stages) == 1 else f"{method}.{stage}", method, stage) for stage in stages]
+    variant_specs = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "benchmarks" / "variants.yaml"))
+    for name, spec in variant_specs.items():  # the variants here all have one stage, their method's
+        (stage,) = _stages_from_files(CONF_DIR)[spec["method"]]
+        expected.append((name, spec["method"], stage))
     assert [(r.name, r.method, r.stage) for r in training_rows()] == expected
+    assert [r.run for r in training_rows()] == [r.method for r in training_rows()[:-len(variant_specs)]] + list(variant_specs)
     assert set(DOCUMENTED_TRAINING_ROWS) <= {r.name for r in training_rows()}
     assert method_stages("two_stage")["unet"]["steps"] == OmegaConf.load(CONF_DIR / "method/two_stage.yaml").stages.unet.steps
 
@@ -97,6 +105,120 @@ def test_a_new_method_file_gets_rows_without_a_benchmark_edit(tmp_path):
                 "naive_vs_ours/token_then_lora.lora", "peak_memory/token_then_lora"):
         assert id_ in ids
     assert set(row_ids()) < set(ids)  # the others stay as they were
+
+
+def test_every_variant_changes_its_method_and_is_compared_with_its_plain_row():
+    """A variant must be what its name says: its overrides compose (Hydra refuses an unknown key) and change
+    the method's config (a value equal to the default would measure the plain method twice)."""
+    asked = {"lora+dora": "DoRA", "lora+text_encoder": "text-encoder LoRA", "lora+random_crop": "random crop",
+             "lora+adamw8bit": "8-bit AdamW", "lora+prodigy": "Prodigy"}  # what issue 12 asks to see the cost of
+    found = {v.name: v for v in variants()}
+    assert set(asked) <= set(found)
+    for variant in found.values():
+        assert composed_method(variant.method, overrides=variant.overrides) != composed_method(variant.method), variant.name
+    changed = {name: composed_method(v.method, overrides=v.overrides) for name, v in found.items()}
+    assert changed["lora+dora"]["lora"]["use_dora"] is True
+    assert changed["lora+text_encoder"]["stages"]["lora"]["train"] == ["lora", "text_encoder_lora"]
+    assert changed["lora+random_crop"]["data"]["crop"] == "random"
+    assert changed["lora+adamw8bit"]["stages"]["lora"]["optimizer"] == "adamw8bit"
+    assert changed["lora+prodigy"]["stages"]["lora"]["optimizer"] == "prodigy"
+    rows = {r.name: r for r in training_rows()}
+    for name in found:
+        assert rows[name].plain == "lora" and rows["lora"].plain is None
+        assert {f"step_vs_floor/{name}", f"vs_plain/{name}", f"naive_vs_ours/{name}", f"peak_memory/{name}"} <= set(row_ids())
+
+
+def test_a_variant_runs_right_after_its_plain_method_and_follows_the_methods_chosen():
+    jobs = training_jobs(parse_args(["--methods", "dreambooth,lora"]))
+    lora_variants = [v.name for v in variants() if v.method == "lora"]
+    assert [name for name, _, _ in jobs] == ["dreambooth", "lora", *lora_variants]
+    assert all(method == "lora" and overrides for name, method, overrides in jobs[2:])
+    assert [name for name, _, _ in training_jobs(parse_args(["--methods", "dreambooth"]))] == ["dreambooth"]
+    assert [name for name, _, _ in training_jobs(parse_args(["--methods", "lora", "--variants", "none"]))] == ["lora"]
+    only = training_jobs(parse_args(["--methods", "dreambooth", "--variants", "lora+dora"]))
+    assert only == [("dreambooth", "dreambooth", []), ("lora+dora", "lora", ["method.lora.use_dora=true"])]
+
+
+def test_unknown_variant_is_one_error_line_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--variants", "lora+dorra"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --variants has 'lora+dorra'" in err and "lora+dora" in err and "none" in err
+
+
+# ------------------------------------------------------------------ the floor does what one step of ours does
+class RowCounter(L.Callback):
+    """During the first step of ours, then one floor step and one naive step built on it: the rows the UNet
+    and the VAE encoder see, the UNet calls and the optimizer steps, counted by hooks on the modules."""
+
+    def __init__(self, make_floor, make_naive):
+        self.make_floor, self.make_naive = make_floor, make_naive
+        self.counts: dict[str, dict[str, int]] = {}
+        self._path = None
+        self._handles = []
+
+    def _count(self, key: str, rows: int) -> None:
+        if self._path is not None:
+            counts = self.counts.setdefault(self._path, {"unet_rows": 0, "unet_calls": 0, "vae_rows": 0, "optimizer_steps": 0})
+            counts[key] += rows
+
+    def on_train_start(self, trainer, module) -> None:
+        def unet(_, args):
+            self._count("unet_rows", len(args[0]))
+            self._count("unet_calls", 1)
+
+        self._handles = [module.unet.register_forward_pre_hook(unet),
+                         module.vae.encoder.register_forward_pre_hook(lambda _, args: self._count("vae_rows", len(args[0]))),
+                         register_optimizer_step_post_hook(
+                             lambda *_: self._count("optimizer_steps", 1))]
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._path = "ours" if batch_idx == 0 else None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._path = None
+        if batch_idx != 0:
+            return
+        stage = module.stages[0]
+        floor, naive = self.make_floor(module, stage, trainer), self.make_naive(module, stage, trainer)
+        for name, step in (("floor", floor), ("naive", naive)):
+            self._path = name
+            step()
+            self._path = None
+
+    def on_train_end(self, trainer, module) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("lora", ["method.gradient_accumulation_steps=3"]),
+    ("dreambooth", ["method.gradient_accumulation_steps=2"]),  # class rows in every micro-batch
+    ("textual_inversion", ["method.gradient_accumulation_steps=2"]),  # the text side trains: one graph, k backwards
+    ("lora", ["method.gradient_accumulation_steps=2", "method.data.crop=random"]),  # the VAE encode is in the floor
+])
+def test_floor_and_naive_process_the_rows_of_one_optimizer_step_of_ours(method, overrides, tmp_path, tiny_model_dir):
+    """With gradient_accumulation_steps k, one step of ours is k micro-batches of batch_size rows (and as many
+    class rows) and one optimizer step; a floor of one micro-batch would make step ÷ floor read ~k."""
+    plan = Plan(warmup=0, steps=1, class_images=2, save_reps=0, progress_bar=False)
+    cfg, _ = compose_method(method, tiny_model_dir, TINY_RESOLUTION, "cpu", tmp_path, plan, overrides)
+    placeholder_class_images(cfg)
+    run = prepare_run(cfg)
+    make_floor, make_naive, _ = side_paths(cfg, TINY_RESOLUTION, plan.class_images)
+    counter = RowCounter(make_floor, make_naive)
+    instrumented_fit(run, counter)
+
+    k, batch = int(cfg.method.gradient_accumulation_steps), int(cfg.method.batch_size)
+    prior = float(OmegaConf.select(cfg, f"method.stages.{next(iter(cfg.method.stages))}.prior_loss_weight") or 0) > 0
+    expected = {"unet_rows": k * batch * (2 if prior else 1), "unet_calls": k, "optimizer_steps": 1}
+    for path in ("ours", "floor", "naive"):
+        assert {key: counter.counts[path][key] for key in expected} == expected, path
+    # random crops are VAE-encoded in the step (ours and floor: the step's photos); centre crops are cached.
+    # The naive path encodes every row (class rows too) of every micro-batch.
+    crops = k * batch if cfg.method.data.crop == "random" else 0
+    assert counter.counts["ours"]["vae_rows"] == counter.counts["floor"]["vae_rows"] == crops
+    assert counter.counts["naive"]["vae_rows"] == expected["unet_rows"]
 
 
 def test_unknown_method_is_one_error_line_naming_the_choices(capsys):
