@@ -142,6 +142,7 @@ def test_cli_missing_image_exits_2_with_one_line(demo_run, tmp_path):
 # --- the notebook ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a kernel runs the whole walkthrough (~80 s on 2 cores); test_cli_edits_a_photo_end_to_end covers the CLI
 def test_edit_walkthrough_notebook_executes(tmp_path, monkeypatch):
     """Top to bottom on the kernel 'python3', which jupyter_client starts with this interpreter (.venv)."""
     nbformat = pytest.importorskip("nbformat")

@@ -23,6 +23,7 @@ def test_notebooks_executed_elsewhere_really_are():
             assert name in (PROJECT_ROOT / test_file).read_text(), f"{test_file} no longer executes {name}"
 
 
+@pytest.mark.slow  # a kernel per notebook (~30 s each on 2 cores); the report they call is tested in test_report.py
 @pytest.mark.parametrize("notebook", [n for n in NOTEBOOKS if n.name not in EXECUTED_ELSEWHERE], ids=lambda p: p.stem)
 def test_notebook_executes(notebook: Path, tmp_path_factory, monkeypatch):
     nbclient = pytest.importorskip("nbclient")

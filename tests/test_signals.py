@@ -209,6 +209,7 @@ DREAMBOOTH = ["method=dreambooth", "method.stages.unet.steps=2", "method.stages.
               "method.stages.unet.lr=1e-3", "class_images.seed=4242", "class_images.batch_size=2"]
 
 
+@pytest.mark.slow  # a subprocess per attempt (~15 s); test_resume covers a killed class-image generation
 def test_sigusr1_in_class_image_generation_stops_between_batches_exits_138(tmp_path, isolated_cache):
     from personalize.class_images import ClassImageSpec, ensure_class_images
     from personalize.config import compose
@@ -262,6 +263,7 @@ def test_sigint_in_evaluation_stops_between_batches_exits_130_and_resume_complet
 
 
 # ---------------------------------------------------------------- multirun, basic launcher
+@pytest.mark.slow  # a two-job sweep run twice (~15 s); the single-run signal tests above stay in the default run
 def test_a_sweep_signalled_in_a_job_stops_there_marks_it_interrupted_and_resume_true_continues(tmp_path):
     sweep = [sys.executable, "-m", "personalize.cli", "-m", "debug=default", *QUICK, *TWO_STAGE, "seed=0,1",
              f"paths.log_dir={tmp_path / 'out'}"]
