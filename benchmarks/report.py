@@ -111,30 +111,37 @@ def _step_why(s: dict, rec: dict) -> str:
 
 
 def vs_plain_row(row, training: dict) -> dict:
-    """An option variant's step ÷ its plain method's step, both as measured in this run (ours, medians).
+    """An option variant's step ÷ its plain method's step, both measured in this run, each against the
+    plain method's floor timed beside it (the yardstick: the same work in both worker processes, so a
+    load change between the two processes cancels; `training.plain_floor_maker`).
 
-    The two come from different worker processes, run one after the other: not paired like step ÷
-    floor, so the spread is the quartiles' extremes (p25 ÷ p75 to p75 ÷ p25). The why gives the floors'
-    ratio beside it: what the option adds to the least work a step does."""
+    value = median(variant step_i ÷ plain floor_i) ÷ median(plain step_i ÷ plain floor_i); spread: the
+    quartiles' extremes (p25 ÷ p75 to p75 ÷ p25). The why gives the floors' ratio, paired the same way:
+    what the option adds to the least work a step does, our overhead left out."""
     id_, figure = f"vs_plain/{row.name}", f"step ÷ plain {row.plain} step: {row.name}"
     rec = _stage(training, row.run, row.stage)
     plain = next(r for r in catalog_rows() if r.name == row.plain)
     base = _stage(training, plain.run, plain.stage)
-    if rec is None or base is None:
-        why, status = _missing(training.get(row.run if rec is None else plain.run))
-        if status == "not measured" and rec is not None:
-            why = f"needs {plain.run} measured in the same run ({why})"
+    if rec is None or base is None or not rec.get("plain_floor"):
+        result = training.get(row.run if rec is None else plain.run)
+        why, status = _missing(result)
+        if rec is not None and base is None and status == "not measured":
+            why = f"needs {plain.run} measured in the same run (--methods {plain.method})"
+        elif rec is not None and base is not None:
+            why, status = f"{row.run} has no plain-floor times (a worker of an older harness?)", "error"
         return _row(id_, 1, figure, None, None, why=why, status=status)
-    ours, plain_ours = summary(rec["ours"]), summary(base["ours"])
-    floor, plain_floor = _med(summary(rec["floor"])), _med(summary(base["floor"]))
+    mine = summary(ratios(rec["ours"], rec["plain_floor"]))  # variant step ÷ the plain floor beside it
+    theirs = summary(ratios(base["ours"], base["floor"]))  # plain step ÷ its own floor (the same work)
+    floors = summary(ratios(rec["floor"], rec["plain_floor"]))
     what = next((v.what for v in variants() if v.name == row.run), "")
-    why = (f"{what}: {row.name} {ours['median']:.3f} s vs {row.plain} {plain_ours['median']:.3f} s per step "
-           f"(medians, {ours['n']} and {plain_ours['n']} steps); floors {floor:.3f} vs {plain_floor:.3f} s "
-           f"({floor / plain_floor:.3f})")
+    why = (f"{what}: {row.name} step ÷ plain floor {mine['median']:.3f} vs {row.plain} step ÷ its floor "
+           f"{theirs['median']:.3f} ({mine['n']} and {theirs['n']} pairs); the floors: {row.name} ÷ {row.plain} "
+           f"{floors['median']:.3f}; seconds per step {_med(summary(rec['ours'])):.3f} vs {_med(summary(base['ours'])):.3f} "
+           f"(two processes: the raw seconds move with the load, the ratios to the plain floor do not)")
     spread = None
-    if ours.get("p25") is not None and plain_ours.get("p25") is not None:
-        spread = [ours["p25"] / plain_ours["p75"], ours["p75"] / plain_ours["p25"]]
-    return _row(id_, 1, figure, ours["median"] / plain_ours["median"], spread, why=why)
+    if mine.get("p25") is not None and theirs.get("p25") is not None:
+        spread = [mine["p25"] / theirs["p75"], mine["p75"] / theirs["p25"]]
+    return _row(id_, 1, figure, mine["median"] / theirs["median"], spread, why=why)
 
 
 def training_rows(training: dict) -> list[dict]:

@@ -119,8 +119,9 @@ def _setup_process(threads: int | None) -> None:
 
 def train_worker(spec: dict) -> dict:
     _setup_process(spec.get("threads"))
+    plain = (spec["plain"], spec.get("plain_overrides", [])) if spec.get("plain") else None
     return bench_method(spec["method"], Path(spec["model_dir"]), spec["resolution"], spec["hardware"],
-                        Plan(**spec["plan"]), spec.get("overrides", []))
+                        Plan(**spec["plan"]), spec.get("overrides", []), plain=plain)
 
 
 def generation_worker(spec: dict) -> dict:
@@ -268,6 +269,8 @@ def _run(args) -> dict:
     for i, (name, method, overrides) in enumerate(jobs, 1):
         start = time.perf_counter()
         spec = dict(common, kind="train", name=name, method=method, overrides=[*args.overrides, *overrides])
+        if overrides:  # a variant: its plain method's floor is timed beside its steps (the vs_plain yardstick)
+            spec.update(plain=method, plain_overrides=list(args.overrides))
         training[name] = run_worker(spec, in_process, log_dir)
         note = training[name].get("error", "")
         print(f"  [{i}/{len(jobs)}] {name}: {time.perf_counter() - start:.0f} s {note}", flush=True)

@@ -81,6 +81,10 @@ class _Path:
         # A fresh optimizer of the same kind, over the same parameters, as the stage's own.
         self.optimizer = module.configure_optimizers()[module.stages.index(stage)]
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # what the stage trains needs gradients: already so in the stage being trained, and set here for a
+        # module no Trainer runs (the plain method's, whose floor is a variant's yardstick)
+        for param in self.params:
+            param.requires_grad_(True)
         self.context = trainer.precision_plugin.forward_context
         self.scaler = torch.amp.GradScaler("cuda") if str(trainer.precision) in ("16-mixed", "16") else None
         self.text_trains = encodes_prompt(stage.train)  # the prompt is encoded with gradients
@@ -292,8 +296,11 @@ class InterleavedTimer(L.Callback):
     steps first run, so it is what our training alone needs.
     """
 
-    def __init__(self, plan: Plan, make_floor, make_naive, clock: Clock, device):
+    def __init__(self, plan: Plan, make_floor, make_naive, clock: Clock, device, make_yardstick=None):
+        """`make_yardstick`: for an option variant, builds the plain method's floor (`plain_floor_maker`),
+        timed after each step like the others (record `plain_floor`)."""
         self.plan, self.make_floor, self.make_naive, self.clock, self.device = plan, make_floor, make_naive, clock, device
+        self.make_yardstick = make_yardstick
         self.stages: dict[str, dict] = {}
         self._resume = None  # when our loop got control back after the last side work
         self._batch_start = None
@@ -322,6 +329,8 @@ class InterleavedTimer(L.Callback):
             self.stages[stage.name] = {"train": list(stage.train), "prior": stage.prior_loss_weight > 0,
                                        "rss_at_start_mb": rss_mb(), "ours": [], "ours_in_step": [],
                                        "ours_loop": [], "floor": [], "naive": [], "naive_j": []}
+            if self.make_yardstick is not None:
+                self.stages[stage.name]["plain_floor"] = []
         self._batch_start = self.clock()
         if self.syncs is not None and trainer.global_step - stage.start >= self.plan.warmup:
             self.syncs.start()
@@ -339,19 +348,20 @@ class InterleavedTimer(L.Callback):
         if self._paths is None and k >= self.plan.warmup - 1:  # ours is warm: memory, then the side paths
             rec.update(peak_memory(self.device))
             floor, naive = self.make_floor(module, stage, trainer), self.make_naive(module, stage, trainer)
-            self._paths = (floor, naive)
+            yardstick = self.make_yardstick(module, stage, trainer) if self.make_yardstick is not None else None
+            self._paths = (floor, naive, yardstick)
             for _ in range(max(self.plan.warmup, 1)):  # the first step allocates the optimizer state
-                floor()
-                naive()
+                for step in filter(None, self._paths):
+                    step()
         if k >= self.plan.warmup:
-            floor, naive = self._paths
+            floor, naive, yardstick = self._paths
             j = k - self.plan.warmup  # index of this timed step
-            sides = [("floor", floor)]
+            sides = [("floor", floor)] + ([("plain_floor", yardstick)] if yardstick is not None else [])
             if j % self.plan.naive_every == 0:
                 sides.append(("naive", naive))
                 rec["naive_j"].append(j)
-            if (j // self.plan.naive_every) % 2:
-                sides.reverse()
+            turn = (j // self.plan.naive_every) % len(sides)  # which side goes first rotates
+            sides = sides[turn:] + sides[:turn]
             for name, step in sides:
                 start = self.clock()
                 step()
@@ -457,9 +467,40 @@ def side_paths(cfg, resolution: int, class_images: int):
     return make_floor, make_naive, instance_pixels
 
 
+def plain_floor_maker(method: str, model_dir: Path, resolution: int, hardware: str, work_dir: Path, plan: Plan,
+                      overrides: list[str] = ()):
+    """For an option variant: a maker of the plain method's floor, the yardstick of its vs_plain row.
+
+    The variant's steps and the plain method's run in different worker processes, one after the other, and a
+    shared machine's load changes between them (in one run here the same floor took 2.0 s in one worker and
+    1.1 s in the next). Both workers time the plain floor, the same work, interleaved with their steps, so
+    each step is read against it: variant ÷ plain = (variant step ÷ plain floor) ÷ (plain step ÷ plain
+    floor), each a ratio of neighbours in time. The plain method's module is built when the maker is first
+    called (after the stage's peak memory was read), on the variant's device."""
+    built = {}
+
+    def make(module, stage, trainer) -> FloorStep:
+        if "run" not in built:
+            cfg, _ = compose_method(method, model_dir, resolution, hardware, work_dir, plan, overrides)
+            placeholder_class_images(cfg)
+            built["run"] = prepare_run(cfg)
+            built["run"].module.to(module.device)
+            built["cfg"] = cfg
+        plain = built["run"].module
+        plain_stage = next(s for s in plain.stages if s.name == stage.name)
+        make_floor, _, _ = side_paths(built["cfg"], resolution, plan.class_images)
+        return make_floor(plain, plain_stage, trainer)
+
+    return make
+
+
 def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, plan: Plan,
-                 overrides: list[str] = (), work_dir: Path | None = None) -> dict:
-    """Every training figure of one method (all of its stages), measured in this process."""
+                 overrides: list[str] = (), work_dir: Path | None = None,
+                 plain: tuple[str, list[str]] | None = None) -> dict:
+    """Every training figure of one method (all of its stages), measured in this process.
+
+    `plain`: for an option variant, its plain method and that method's overrides: the plain floor is timed
+    beside each step too (`plain_floor_maker`)."""
     own_dir = work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix=f"bench-{method}-")) if own_dir else Path(work_dir)
     try:
@@ -472,7 +513,9 @@ def bench_method(method: str, model_dir: Path, resolution: int, hardware: str, p
         clock = Clock(device)
 
         make_floor, make_naive, instance_pixels = side_paths(cfg, resolution, plan.class_images)
-        timer = InterleavedTimer(plan, make_floor, make_naive, clock, device)
+        yardstick = None if plain is None else plain_floor_maker(plain[0], model_dir, resolution, hardware,
+                                                                 work_dir / "plain", plan, plain[1])
+        timer = InterleavedTimer(plan, make_floor, make_naive, clock, device, make_yardstick=yardstick)
         tail = TailClock(timer)
         fit_start = time.perf_counter()
         instrumented_fit(run, timer, tail)

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 import lightning as L
 
 from benchmarks.catalog import composed_method, method_names, method_stages, training_rows, variants
-from benchmarks.report import row_ids
+from benchmarks.report import row_ids, vs_plain_row
 from benchmarks.run import main, parse_args, training_jobs
 from benchmarks.training import Plan, compose_method, instrumented_fit, placeholder_class_images, side_paths
 from personalize import instrument
@@ -53,6 +53,11 @@ def test_quick_benchmark_writes_every_row(tmp_path, capsys):
         assert row["value"] is not None and row["status"] != "error", f"{id_}: {row['why']}"
         assert set(row) >= {"item", "figure", "target", "value", "spread", "unit", "status", "why"}
     assert data["e2e"]["ratio"] > 0 and data["meta"]["shape"] == "tiny"
+    for variant in variants():  # a variant's steps each have the plain floor timed beside them
+        stage = next(iter(method_stages(variant.method)))
+        rec = data["training"][variant.name]["stages"][stage]
+        assert len(rec["plain_floor"]) == len(rec["ours"]) == len(rec["floor"]) > 0
+        assert "plain_floor" not in data["training"][variant.method]["stages"][stage]
     table = capsys.readouterr().out
     assert "step ÷ floor: dreambooth" in table and str(written[0]) in table
 
@@ -137,6 +142,29 @@ def test_a_variant_runs_right_after_its_plain_method_and_follows_the_methods_cho
     assert [name for name, _, _ in training_jobs(parse_args(["--methods", "lora", "--variants", "none"]))] == ["lora"]
     only = training_jobs(parse_args(["--methods", "dreambooth", "--variants", "lora+dora"]))
     assert only == [("dreambooth", "dreambooth", []), ("lora+dora", "lora", ["method.lora.use_dora=true"])]
+
+
+def _stage_record(ours, floor, plain_floor=None) -> dict:
+    rec = {"ours": ours, "floor": floor, "naive": [], "ours_loop": ours, "ours_in_step": ours}
+    return rec if plain_floor is None else dict(rec, plain_floor=plain_floor)
+
+
+def test_vs_plain_reads_each_step_against_the_plain_floor_beside_it_so_a_load_change_cancels():
+    row = next(r for r in training_rows() if r.name == "lora+dora")
+    plain = {"stages": {"lora": _stage_record([2.0, 2.2, 2.1], [2.0, 2.0, 2.0])}}
+    # the variant's worker ran on a machine twice as fast: its plain floor (the same work) says so
+    variant = {"stages": {"lora": _stage_record([1.5, 1.6, 1.4], [1.3, 1.3, 1.3], plain_floor=[1.0, 1.0, 1.0])}}
+    out = vs_plain_row(row, {"lora": plain, "lora+dora": variant})
+    # by hand: median(1.5, 1.6, 1.4) / 1.0 over median(2.0, 2.2, 2.1) / 2.0
+    assert out["value"] == pytest.approx(1.5 / 1.05) and out["status"] == "info"
+    assert "the floors: lora+dora ÷ lora 1.300" in out["why"]
+    assert out["spread"][0] <= out["value"] <= out["spread"][1]
+    # the raw seconds would have said 1.5 / 2.1: the load, not the option
+    slower = {"stages": {"lora": _stage_record([3.0, 3.2, 2.8], [2.6] * 3, plain_floor=[2.0] * 3)}}
+    assert vs_plain_row(row, {"lora": plain, "lora+dora": slower})["value"] == pytest.approx(out["value"])
+
+    missing = vs_plain_row(row, {"lora+dora": variant})
+    assert missing["value"] is None and missing["status"] == "not measured" and "--methods lora" in missing["why"]
 
 
 def test_unknown_variant_is_one_error_line_naming_the_choices(capsys):
