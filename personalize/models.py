@@ -72,9 +72,10 @@ def resolve_pretrained(model_cfg) -> str:
 def build_tiny(backbone: str, path: str) -> Path:
     """`model.tiny: true`: the tiny random-weight model of the config's family, built at `path` on first use."""
     from personalize.tiny import ensure_tiny_sd
+    from personalize.tiny_flux import ensure_tiny_flux
     from personalize.tiny_sdxl import ensure_tiny_sdxl
 
-    builders = {"sd": ensure_tiny_sd, "sdxl": ensure_tiny_sdxl}
+    builders = {"sd": ensure_tiny_sd, "sdxl": ensure_tiny_sdxl, "flux": ensure_tiny_flux}
     if backbone not in builders:
         raise PersonalizeError(f"model.tiny=true with model.backbone={backbone}: tiny models exist for "
                                f"{', '.join(builders)} only: set model.tiny=false and model.pretrained to a model folder")
