@@ -453,6 +453,12 @@ def _backbones() -> tuple[str, ...]:
     return tuple(BACKBONES)
 
 
+def _weighting_schemes() -> tuple[str, ...]:
+    from personalize.backbones.objectives import WEIGHTING_SCHEMES  # imports torch: only when a loss is checked
+
+    return WEIGHTING_SCHEMES
+
+
 def _trainables() -> tuple[str, ...]:
     from personalize.methods.trainables import TRAINABLES  # imports torch: only when a stage is checked
 
@@ -570,6 +576,10 @@ RULES: dict[str, Rule] = {
     "method.noise.max_timestep": Number(int, 1, null="the scheduler's num_train_timesteps",
                                         means="the training timesteps' exclusive upper bound"),
     "method.loss.snr_gamma": Number(float, 0, low_open=True, null="plain MSE", means="Min-SNR-γ's gamma"),
+    "method.loss.weighting_scheme": Choice(_weighting_schemes, means="flow matching's timestep density or loss weight"),
+    "method.loss.logit_mean": Number(float, means="the logit-normal timestep density's mean"),
+    "method.loss.logit_std": Number(float, 0, low_open=True, means="the logit-normal timestep density's std"),
+    "method.loss.mode_scale": Number(float, means="the mode timestep density's scale"),
     "method.lora.rank": Number(int, 1, means="the LoRA rank"),
     "method.lora.alpha": Number(float, 0, low_open=True, means="the LoRA scale is alpha / rank"),
     "method.lora.dropout": Number(float, 0, 1, high_open=True, means="the LoRA dropout probability"),
