@@ -10,11 +10,12 @@ import torch
 
 from personalize import instrument
 from personalize.backbones.base import Backbone, Components, Conditioning, ImageInfo
+from personalize.backbones.flux import Flux
 from personalize.backbones.sd import StableDiffusion
 from personalize.backbones.sdxl import StableDiffusionXL
 from personalize.errors import PersonalizeError
 
-BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (StableDiffusion, StableDiffusionXL)}
+BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (StableDiffusion, StableDiffusionXL, Flux)}
 DEFAULT_BACKBONE = "sd"
 
 

@@ -125,6 +125,12 @@ class Backbone:
                   loss: LossSettings = LossSettings()):
         raise NotImplementedError
 
+    def latent_distribution(self, vae, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training latents' distribution from the VAE's (mean, std): SD's latents are z * scaling_factor
+        (FLUX shifts them first)."""
+        scale = vae.config.scaling_factor
+        return mean * scale, std * scale
+
     def encode_prompt(self, components: Components, prompts: list[str], device) -> Conditioning:
         raise NotImplementedError
 
