@@ -1,7 +1,8 @@
 """Where a job runs and in which dtype: one home for every device and dtype choice.
 
-- Training and evaluation of a run read the `hardware` preset (conf/hardware): `resolve_hardware` turns
-  its `auto`s into what this machine has, `device_of` names the torch device of its accelerator.
+- Training and evaluation of a run read the `hardware` preset (conf/hardware): a run parses it once into
+  `HardwareSettings` (train.prepare_run), `resolve_hardware` turns its `auto`s into what this machine has,
+  `device_of` names the torch device of its accelerator.
 - The jobs that take a plain `device=` / `dtype=` (personalize-edit, personalize-sample) resolve them
   with `resolve_device` and `resolve_dtype`.
 - `dtype_name` is the short name a run prints (fp32, bf16, fp16).
@@ -9,8 +10,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from personalize.errors import PersonalizeError
 
@@ -22,8 +26,53 @@ DTYPES = {
 _SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def resolve_hardware(hw: DictConfig) -> tuple[str, str, torch.dtype]:
-    """(accelerator, precision, dtype of frozen parts) with `auto` decided by what this machine has."""
+@dataclass(frozen=True)
+class HardwareSettings:
+    """`conf/hardware` as plain values: where and in which precision a run trains (what `resolve_hardware`
+    decides), how many processes, and the switches that trade memory against speed.
+
+    Here rather than with the method's settings: they are this module's device and dtype choices, and the
+    rest (gradient checkpointing, channels_last, the 8-bit optimizer) is how those devices are used."""
+
+    name: str
+    accelerator: str  # auto | gpu | cpu
+    precision: str  # Lightning's (32-true, bf16-mixed, 16-mixed, ...) or auto
+    frozen_dtype: str  # of what never trains: float32 | bfloat16 | float16 | auto
+    devices: int | str | tuple[int, ...]  # as Lightning takes them: a count, -1 / "auto", or device ids
+    num_nodes: int
+    strategy: str
+    nan_check_every: int  # read the loss on the host (a device sync) every N steps; 0: never
+    gradient_checkpointing: bool = False
+    optimizer: str | None = None  # adamw8bit: the stages on adamw run 8-bit AdamW; None: the stages' own
+    compile_unet: bool = False
+    channels_last: bool = False
+    deterministic: bool = False  # deterministic CUDA kernels
+
+    @classmethod
+    def from_cfg(cls, hw_cfg: DictConfig | Mapping) -> "HardwareSettings":
+        c = OmegaConf.to_container(hw_cfg, resolve=True) if isinstance(hw_cfg, DictConfig) else dict(hw_cfg)
+        devices = c.get("devices", 1)
+        return cls(
+            name=str(c["name"]), accelerator=str(c["accelerator"]), precision=str(c["precision"]),
+            frozen_dtype=str(c["frozen_dtype"]), devices=tuple(devices) if isinstance(devices, list) else devices,
+            num_nodes=int(c.get("num_nodes", 1) or 1), strategy=str(c.get("strategy", "auto")),
+            nan_check_every=int(c["nan_check_every"]), gradient_checkpointing=bool(c.get("gradient_checkpointing", False)),
+            optimizer=None if c.get("optimizer") is None else str(c["optimizer"]),
+            compile_unet=bool(c.get("compile_unet", False)), channels_last=bool(c.get("channels_last", False)),
+            deterministic=bool(c.get("deterministic", False)),
+        )
+
+    @property
+    def trainer_devices(self) -> int | str | list[int]:
+        """`devices` as the Lightning Trainer takes it (device ids as a list)."""
+        return list(self.devices) if isinstance(self.devices, tuple) else self.devices
+
+
+def resolve_hardware(hw: HardwareSettings | DictConfig) -> tuple[str, str, torch.dtype]:
+    """(accelerator, precision, dtype of frozen parts) with `auto` decided by what this machine has.
+
+    Takes the settings or the preset's config (evaluation reruns and the class-image script pass that):
+    it reads the same four fields of either."""
     cuda = torch.cuda.is_available()
     accelerator = hw.accelerator if hw.accelerator != "auto" else ("gpu" if cuda else "cpu")
     if accelerator == "gpu" and not cuda:
