@@ -844,11 +844,31 @@ def preflight(config_name: str, argv: list[str]) -> None:
                     check_value(key, value)
 
 
+def stage_settings_override_or_add(argv: list[str]) -> list[str]:
+    """`method.stages.<s>.<setting>=v` for a stage setting the method file may not write (lr_scheduler,
+    optimizer, trainable_lr, ...: their defaults live in the code) becomes `++...`, Hydra's "override or add",
+    so the README's `method.stages.lora.lr_scheduler=cosine` works whether or not the method names the key
+    (plain Hydra wants `+` where it does not and refuses `+` where it does). A stage name the method does not
+    have is one line from parse_stages."""
+    stage_keys = _stage_keys()
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        parts = key.split(".")
+        if ("=" in arg and not arg.startswith(("+", "~")) and len(parts) == 4 and parts[:2] == ["method", "stages"]
+                and parts[3] in stage_keys):
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
 def checked_cli(config_name: str):
     """Decorate a `@hydra.main` entry point: a bad command line is one `error:` line and exit code 2."""
     def wrap(main):
         @functools.wraps(main)
         def entry(*args, **kwargs):
+            if config_name == "train":
+                sys.argv[1:] = stage_settings_override_or_add(sys.argv[1:])
             try:
                 preflight(config_name, sys.argv[1:])
             except PersonalizeError as error:

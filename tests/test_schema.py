@@ -409,3 +409,42 @@ def test_a_value_hydra_alone_can_resolve_does_not_hide_the_others():
     with pytest.raises(PersonalizeError, match=r"^model.resolution=0 is out of range"):
         check_values(cfg)
     check_values(compose("train", ["debug=default"]))
+
+
+# ---------------------------------------------------------------- stage settings on the command line
+def test_a_stage_setting_overrides_or_adds_whether_or_not_the_method_file_names_it():
+    from personalize.schema import stage_settings_override_or_add
+
+    argv = ["method=pivotal", "method.stages.pivotal.lr_scheduler=cosine", "method.stages.pivotal.trainable_lr.token=1e-3",
+            "+method.stages.pivotal.optimizer=prodigy", "method.stages.pivotal.steps=10", "method.lora.rank=8",
+            "method.stages.pivotal.lr_warmup_steps=5,10"]
+    assert stage_settings_override_or_add(argv) == [
+        "method=pivotal", "++method.stages.pivotal.lr_scheduler=cosine", "method.stages.pivotal.trainable_lr.token=1e-3",
+        "+method.stages.pivotal.optimizer=prodigy", "++method.stages.pivotal.steps=10", "method.lora.rank=8",
+        "++method.stages.pivotal.lr_warmup_steps=5,10"]
+
+
+def test_the_readme_stage_options_work_without_a_plus_on_the_command_line(tmp_path):
+    """lr_scheduler is in no method file, trainable_lr is in pivotal's: both plain overrides compose."""
+    import subprocess
+    import sys
+
+    from personalize.config import PROJECT_ROOT
+
+    code = "from personalize.cli import train_main; train_main()"
+    args = ["method=pivotal", "method.stages.pivotal.lr_scheduler=cosine", "method.stages.pivotal.trainable_lr={token: 1e-3}",
+            "debug=default", f"paths.log_dir={tmp_path}", "--cfg", "job"]
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    stage = OmegaConf.create(result.stdout).method.stages.pivotal
+    assert stage.lr_scheduler == "cosine" and dict(stage.trainable_lr) == {"token": 1e-3} and stage.train == ["lora", "token"]
+
+
+def test_a_stage_name_the_method_does_not_have_is_one_line(make_cfg, tmp_path):
+    from personalize.train import prepare_run
+
+    with pytest.raises(PersonalizeError) as error:
+        prepare_run(make_cfg("method=lora", "subject=sample_dog", "++method.stages.lorra.lr_scheduler=cosine", name="bad"))
+    assert one_line(error).startswith("method.stages.lorra: the method has no stage 'lorra' (only lr_scheduler was set "
+                                      "for it): its stages are lora")
+    assert not (tmp_path / "bad").exists()

@@ -70,7 +70,12 @@ def parse_stages(stages_cfg) -> list[Stage]:
     if not stages_cfg:
         raise PersonalizeError("method.stages is empty: a method needs at least one stage")
     stages, start = [], 0
+    real = [str(n) for n, c in stages_cfg.items() if "train" in c or "steps" in c]
     for name, cfg in stages_cfg.items():
+        if str(name) not in real:  # only an override named it (`method.stages.<typo>.lr_scheduler=cosine`)
+            raise PersonalizeError(
+                f"method.stages.{name}: the method has no stage '{name}' (only {', '.join(sorted(cfg))} was set for it): "
+                f"its stages are {', '.join(real)}, e.g. method.stages.{real[0] if real else name}.{next(iter(cfg), 'lr')}=...")
         for field in ("steps", "lr", "prior_loss_weight", "checkpoint_every", *SCHEDULE_FIELDS):
             if field in cfg or field in ("steps", "lr"):  # the ranges are the schema's (personalize/schema.py)
                 check_value(f"method.stages.{name}.{field}", cfg.get(field))
