@@ -76,7 +76,8 @@ test: install ## the fast CPU test suite (tiny model, real sample photos)
 test-slow: install ## the longer end-to-end tests too
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-# Ratios measured in one run on a random-weight SD-shaped model (no hub); ~10 min on a 2-core CPU.
+# Ratios measured in one run on a random-weight SD-shaped model (no hub); ~10 min on a 2-core CPU for the
+# methods, 2-3 min more per option variant (benchmarks/variants.yaml; BENCH_ARGS="--variants none" skips them).
 bench: install ## every method's step vs the floor and the naive path, generation, end to end, memory (docs/benchmark.md)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 

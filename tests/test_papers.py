@@ -304,6 +304,8 @@ def markdown_row(text: str, name: str) -> list[str]:
     return [cell.strip() for cell in row.strip("|").split("|")[1:]]
 
 
+@pytest.mark.slow  # a 3-job sweep (~35 s on 2 cores); its settings: test_jindal_code_has_the_authors_settings, and the
+# sweep + report path runs in the default suite through the Ruiz smoke below
 def test_jindal_code_smoke_runs_through_the_sweep_and_the_report_names_its_setup(tmp_path_factory):
     # one of the two sample dogs keeps it fast; the report's table is cut to it
     sweep = smoke("jindal2023_table1_code_smoke", tmp_path_factory, "subject=sample_dog")
