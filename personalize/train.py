@@ -18,8 +18,8 @@ from transformers import CLIPTokenizer
 
 from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.class_images import ClassImageSpec, ensure_class_images
-from personalize.data import DataSettings, Subject, center_crop_resize, check_init_word, load_subject_photos, open_rgb, to_tensor
-from personalize.devices import device_of, resolve_hardware
+from personalize.data import Subject, center_crop_resize, check_init_word, load_subject_photos, open_rgb, to_tensor
+from personalize.devices import HardwareSettings, device_of, resolve_hardware
 from personalize.errors import PersonalizeError
 from personalize.eval.evaluate import evaluate_run
 from personalize.eval.publish import print_table
@@ -28,7 +28,7 @@ from personalize.io import atomic_write_text, remove_stale_temps
 from personalize import signals
 from personalize.methods.callbacks import ArtifactCheckpoint, RunProgressBar
 from personalize.methods.module import Personalizer
-from personalize.methods.stages import parse_stages
+from personalize.methods.settings import MethodSettings
 from personalize.methods.token import check_new_token
 from personalize.methods.recipe import overrides as method_overrides
 from personalize.methods.trainables import check_against_model, component_dtypes
@@ -43,15 +43,17 @@ from personalize.tracking import build_logger, finishing_wandb, resolved_config
 log = logging.getLogger(__name__)
 
 
-def prompts_for(method_cfg: DictConfig, subject: Subject) -> dict:
-    identifier = str(method_cfg.identifier)
-    phrase = str(method_cfg.phrase).format(identifier=identifier, class_noun=subject.class_noun)
+def prompts_for(method: MethodSettings, subject: Subject) -> dict:
+    """The run's prompts, filled for the subject. Reads four fields by attribute, so the composed `method`
+    config gives the same (the paper tests fill a config's prompts without building a run)."""
+    identifier = str(method.identifier)
+    phrase = str(method.phrase).format(identifier=identifier, class_noun=subject.class_noun)
     fill = dict(identifier=identifier, class_noun=subject.class_noun, phrase=phrase)
     return {
         "identifier": identifier,
         "phrase": phrase,
-        "instance": str(method_cfg.instance_prompt).format(**fill),
-        "class": str(method_cfg.class_prompt).format(**fill) if method_cfg.get("class_prompt") else None,
+        "instance": str(method.instance_prompt).format(**fill),
+        "class": str(method.class_prompt).format(**fill) if method.class_prompt else None,
     }
 
 
@@ -99,6 +101,16 @@ class Run:
     def device(self) -> torch.device:
         return device_of(self.accelerator)
 
+    @property
+    def method(self) -> MethodSettings:
+        """The method's settings, as parsed from `cfg.method` (the module trains by them)."""
+        return self.module.method
+
+    @property
+    def hardware(self) -> HardwareSettings:
+        """The hardware preset's settings, as parsed from `cfg.hardware`."""
+        return self.module.hardware
+
     def checkpoints(self) -> list[Path]:
         return list_checkpoints(self.run_dir)
 
@@ -108,19 +120,24 @@ def prepare_run(cfg: DictConfig) -> Run:
 
     Every check runs before anything is written, so bad input leaves no half-made run behind.
     With `resume` set, the run continues in the earlier run dir from its newest resume state.
+
+    The method and hardware settings are parsed here, once, after the schema's checks; the module and
+    everything below it take those settings, not the config.
     """
     check_config(cfg)  # a typo'd key fails here, not silently ignored
     check_values(cfg)  # every value in its declared range, every prompt template fillable (schema.RULES)
     subject = Subject.from_cfg(cfg.subject)
-    stages = parse_stages(cfg.method.stages)
-    accelerator, precision, frozen_dtype = resolve_hardware(cfg.hardware)
+    method = MethodSettings.from_cfg(cfg.method)  # the stages' checks (parse_stages) run here
+    hardware = HardwareSettings.from_cfg(cfg.hardware)
+    stages = list(method.stages)
+    accelerator, precision, frozen_dtype = resolve_hardware(hardware)
     check_run_settings(cfg, stages)
-    photos = load_subject_photos(subject.data_dir, int(cfg.model.resolution), DataSettings.from_cfg(cfg.method))
+    photos = load_subject_photos(subject.data_dir, int(cfg.model.resolution), method.data)
     images = photos.images
-    prompts = prompts_for(cfg.method, subject)
+    prompts = prompts_for(method, subject)
     prompts["captions"] = photos.captions_by_name(prompts["identifier"], subject.class_noun, prompts["phrase"])
-    check_model(cfg)
-    check_prompts(cfg, prompts)
+    check_model(cfg, method)
+    check_prompts(cfg, prompts, method)
     check_evaluation(cfg)
 
     config = resolved_config(cfg)
@@ -139,35 +156,37 @@ def prepare_run(cfg: DictConfig) -> Run:
     if rank_zero and not (run_dir / CONFIG_FILE).exists():  # a resumed run keeps the config it began with
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(config)))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    hardware = hardware_choice(cfg.hardware, accelerator, precision, frozen_dtype)
-    for line in start_lines(cfg, subject, stages, len(images), hardware, run_dir,
+    hardware_line = hardware_choice(cfg.hardware, accelerator, precision, frozen_dtype)
+    for line in start_lines(cfg, subject, stages, len(images), hardware_line, run_dir,
                             resume_from.name if resume_from else None) if rank_zero else ():
         log.info(line)
     log.info("training prompt '%s'", prompts["instance"])
 
     class_images = prepare_class_images(cfg, subject, stages, device_of(accelerator), frozen_dtype)
-    components = load_components(cfg.model, component_dtypes({t for s in stages for t in s.train}, frozen_dtype))
+    components = load_components(cfg.model, component_dtypes(method.trained, frozen_dtype))
     model_info = dict(config["model"], pretrained=resolve_pretrained(cfg.model))
-    info = dict(method=cfg.method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
+    # what checkpoint.json says of the run; `overrides` compares the method's config with its file's
+    info = dict(method=method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info,
                 overrides=method_overrides(cfg.method))
-    module = Personalizer(components, cfg.method, prompts, images, class_images, cfg.hardware, info, seed=int(cfg.seed),
-                          uncropped_images=photos.uncropped, instance_sizes=photos.sizes,
+    module = Personalizer(components, method, prompts, images, class_images, hardware=hardware, checkpoint_info=info,
+                          seed=int(cfg.seed), uncropped_images=photos.uncropped, instance_sizes=photos.sizes,
                           backbone=backbone_for(cfg.model))
     return Run(cfg, run_dir, module, accelerator, precision, frozen_dtype, resume_from)
 
 
-def check_model(cfg: DictConfig) -> None:
+def check_model(cfg: DictConfig, method: MethodSettings | None = None) -> None:
     """The model must be there and suit the settings (its backbone says what that means); checked on its
     config files (a few bytes, loaded through the same path as the weights: local folder, cache, hub),
-    before anything is written."""
+    before anything is written. `method`: the run's parsed settings (parsed from `cfg.method` if not given)."""
+    method = method if method is not None else MethodSettings.from_cfg(cfg.method)
     backbone = backbone_for(cfg.model)
-    backbone.check_trainables(cfg.method)  # config alone: a method the family cannot train, before its files
-    backbone.check_model(cfg.method)
-    check_against_model(cfg.method, cfg.model)  # e.g. LoRA targets: on weightless copies of the components
+    backbone.check_trainables(method)  # settings alone: a method the family cannot train, before its files
+    backbone.check_model(method)
+    check_against_model(method, cfg.model)  # e.g. LoRA targets: on weightless copies of the components
 
 
-def check_prompts(cfg: DictConfig, prompts: dict) -> None:
+def check_prompts(cfg: DictConfig, prompts: dict, method: MethodSettings) -> None:
     """The identifier must be in the training prompt (else nothing learns the subject), and a new token must
     be a valid new word; checked on the tokenizer alone, before class images or the model are loaded."""
     identifier = prompts["identifier"]
@@ -176,15 +195,15 @@ def check_prompts(cfg: DictConfig, prompts: dict) -> None:
             f"the training prompt '{prompts['instance']}' does not contain the identifier '{identifier}': "
             "keep {identifier} in method.phrase (or {phrase} in method.instance_prompt)"
         )
-    if cfg.method.get("new_token"):
+    token = method.new_token
+    if token is not None:
         source = resolve_pretrained(cfg.model)
         tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg.model)
         if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
             raise model_not_available(source, cfg.model)
-        if str(cfg.method.new_token.initializer) == str(cfg.subject.init_word):  # textual inversion's ${subject.init_word}
+        if token.initializer == str(cfg.subject.init_word):  # textual inversion's ${subject.init_word}
             check_init_word(Subject.from_cfg(cfg.subject), tokenizer)  # the fix is subject.init_word=, said so
-        check_new_token(tokenizer, identifier, str(cfg.method.new_token.initializer),
-                        int(cfg.method.new_token.get("num_vectors", 1) or 1))
+        check_new_token(tokenizer, identifier, token.initializer, token.num_vectors)
 
 
 def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: Sequence[L.Callback] = (),
@@ -200,12 +219,12 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
     `signals.Interrupted` (the CLI turns it into exit code 128 + the signal). A run that gets to the end
     removes the INTERRUPTED note an earlier, interrupted call left.
     """
-    cfg, module = run.cfg, run.module  # prepare_run has checked the eval config: it fails before training
+    cfg, module, hardware = run.cfg, run.module, run.hardware  # prepare_run has checked the eval config
     records: list[dict] = []
-    check_every = int(cfg.hardware.nan_check_every)
+    check_every = hardware.nan_check_every
     callbacks = [*callbacks_before, ArtifactCheckpoint(run.run_dir, check_every=check_every)]
     if cfg.trainer.progress_bar:
-        callbacks.append(RunProgressBar(str(cfg.method.name), loss_every=check_every or int(cfg.trainer.log_every_n_steps)))
+        callbacks.append(RunProgressBar(run.method.name, loss_every=check_every or int(cfg.trainer.log_every_n_steps)))
     plugins = [SafetensorsCheckpointIO()]  # resume states: safetensors + JSON (never pickle)
     if SLURMEnvironment.detect():
         # Lightning's own SLURM requeue (on SIGUSR1: a pickled checkpoint, then `scontrol requeue` from
@@ -215,12 +234,12 @@ def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: 
     with signals.deferred(), finishing_wandb(continues_interrupted=interrupted_before):
         logger = build_logger(cfg, run.run_dir)
         trainer = L.Trainer(
-            accelerator=run.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
-            strategy=cfg.hardware.strategy, precision=run.precision, max_steps=module.total_steps(),
+            accelerator=run.accelerator, devices=hardware.trainer_devices, num_nodes=hardware.num_nodes,
+            strategy=hardware.strategy, precision=run.precision, max_steps=module.total_steps(),
             callbacks=[*callbacks, *callbacks_after],
             # the module's sampler splits data over ranks itself
             plugins=plugins, use_distributed_sampler=False,
-            deterministic=cfg.hardware.get("deterministic", False),
+            deterministic=hardware.deterministic,
             logger=logger, enable_checkpointing=False, enable_model_summary=False,
             log_every_n_steps=int(cfg.trainer.log_every_n_steps), enable_progress_bar=bool(cfg.trainer.progress_bar),
             default_root_dir=str(run.run_dir), num_sanity_val_steps=0,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,10 +31,12 @@ from safetensors.torch import load_file
 
 from personalize import signals
 from personalize.config import PROJECT_ROOT, compose
+from personalize.devices import HardwareSettings
 from personalize.errors import PersonalizeError
 from personalize.methods.optim import (
     LR_SCHEDULERS, OPTIMIZERS, LrSchedule, build_optimizer, check_optimizers, optimizer_name, scaled_lr,
 )
+from personalize.methods.settings import MethodSettings
 from personalize.methods.stages import Stage, parse_stages
 from personalize.train import fit, prepare_run
 
@@ -209,6 +212,10 @@ def test_scale_lr_multiplies_every_lr_by_the_scripts_factor(make_cfg):
         for world in (1, 2, 8):  # their expression, their order: lr * accumulation * batch * processes
             assert scaled_lr(lr, method, world) == lr * 4 * 3 * world
     assert scaled_lr(5e-4, OmegaConf.create({"scale_lr": False, "batch_size": 3}), 8) == 5e-4
+    # the settings the optimizer is built from give the same (the config above is what banner.py passes)
+    typed = dataclasses.replace(METHOD, scale_lr=True, batch_size=3, gradient_accumulation_steps=4)
+    assert all(scaled_lr(lr, typed, world) == lr * 4 * 3 * world for lr in (5e-4, 2.5e-5) for world in (1, 8))
+    assert scaled_lr(5e-4, dataclasses.replace(typed, scale_lr=False), 8) == 5e-4
 
     module = prepare_run(make_cfg(*QUICK, *PIVOT, "method.stages.token.steps=2", "method.batch_size=2",
                                   "method.gradient_accumulation_steps=3", "method.scale_lr=true")).module
@@ -334,7 +341,9 @@ def train(optimizer, params, steps: int = 3) -> None:
         optimizer.step()
 
 
-METHOD = compose("train", ["method=lora"], output_dir="/unused").method
+METHOD = MethodSettings.from_cfg(compose("train", ["method=lora"], output_dir="/unused").method)
+CPU = HardwareSettings.from_cfg(compose("train", ["hardware=cpu"], output_dir="/unused").hardware)  # hardware.optimizer=adamw
+LOW_MEMORY_CFG = compose("train", ["hardware=low_memory"], output_dir="/unused").hardware  # hardware.optimizer=adamw8bit
 
 
 def test_prodigy_is_prodigyopts_own_with_the_advanced_scripts_settings():
@@ -342,7 +351,7 @@ def test_prodigy_is_prodigyopts_own_with_the_advanced_scripts_settings():
 
     params = twin_parameters()
     stage = Stage(name="lora", train=("lora",), steps=3, lr=1.0, start=0, optimizer="prodigy")
-    ours, _ = build_optimizer(stage, {"lora": Params(*params[0])}, METHOD, {})
+    ours, _ = build_optimizer(stage, {"lora": Params(*params[0])}, METHOD, CPU)
     reference = prodigyopt.Prodigy(params[1], lr=1.0, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                    use_bias_correction=True, safeguard_warmup=True)
     assert type(ours) is prodigyopt.Prodigy
@@ -357,7 +366,7 @@ def test_adamw8bit_is_bitsandbytes_own_and_close_to_adamw():
 
     params = twin_parameters()
     stage = Stage(name="lora", train=("lora",), steps=3, lr=1e-3, start=0, optimizer="adamw8bit")
-    ours, _ = build_optimizer(stage, {"lora": Params(*params[0])}, METHOD, {})
+    ours, _ = build_optimizer(stage, {"lora": Params(*params[0])}, METHOD, CPU)
     reference = bnb.optim.AdamW8bit(params[1], lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     start = [p.detach().clone() for p in params[0]]
     train(ours, params[0])
@@ -375,9 +384,10 @@ def test_adamw8bit_is_bitsandbytes_own_and_close_to_adamw():
 def test_hardware_adamw8bit_turns_only_the_adamw_stages_8bit():
     adamw = Stage(name="a", train=("unet",), steps=1, lr=1e-5, start=0)
     prodigy = Stage(name="b", train=("unet",), steps=1, lr=1.0, start=1, optimizer="prodigy")
-    low_memory = {"optimizer": "adamw8bit"}
+    low_memory = HardwareSettings.from_cfg(LOW_MEMORY_CFG)
+    assert low_memory.optimizer == "adamw8bit"
     assert [optimizer_name(s, low_memory) for s in (adamw, prodigy)] == ["adamw8bit", "prodigy"]
-    assert [optimizer_name(s, {"optimizer": "adamw"}) for s in (adamw, prodigy)] == ["adamw", "prodigy"]
+    assert [optimizer_name(s, CPU) for s in (adamw, prodigy)] == ["adamw", "prodigy"]
 
 
 @pytest.mark.parametrize("override, package", [
@@ -397,17 +407,20 @@ def test_a_missing_optimizer_package_is_one_line_before_the_run_dir(override, pa
 
 
 def test_the_optimizer_settings_reach_every_optimizer():
-    method = compose("train", ["method=lora", "method.optimizer.betas=[0.8,0.99]", "method.optimizer.eps=1e-6",
-                               "method.optimizer.weight_decay=0.5", "method.optimizer.prodigy_safeguard_warmup=false"],
-                     output_dir="/unused").method
+    method_cfg = compose("train", ["method=lora", "method.optimizer.betas=[0.8,0.99]", "method.optimizer.eps=1e-6",
+                                   "method.optimizer.weight_decay=0.5", "method.optimizer.prodigy_safeguard_warmup=false"],
+                         output_dir="/unused").method
+    method = MethodSettings.from_cfg(method_cfg)
     for name in OPTIMIZERS:
         stage = Stage(name="lora", train=("lora",), steps=1, lr=1e-3, start=0, optimizer=name)
-        optimizer, _ = build_optimizer(stage, {"lora": Params(torch.nn.Parameter(torch.zeros(3)))}, method, {})
+        optimizer, _ = build_optimizer(stage, {"lora": Params(torch.nn.Parameter(torch.zeros(3)))}, method, CPU)
         group = optimizer.param_groups[0]
         assert (group["betas"], group["eps"], group["weight_decay"], group["lr"]) == ((0.8, 0.99), 1e-6, 0.5, 1e-3), name
         if name == "prodigy":
             assert (group["safeguard_warmup"], group["use_bias_correction"]) == (False, True)
-    check_optimizers(parse_stages(method.stages), {"optimizer": "adamw8bit"})  # all installed here: no error
+    # all installed here: no error, from the settings or from the preset's config (what the config checks pass)
+    check_optimizers(parse_stages(method_cfg.stages), HardwareSettings.from_cfg(LOW_MEMORY_CFG))
+    check_optimizers(parse_stages(method_cfg.stages), LOW_MEMORY_CFG)
 
 
 # ---------------------------------------------------------------- the settings' checks

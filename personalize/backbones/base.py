@@ -12,7 +12,7 @@ CLIP conditioning, a transformer denoiser, flow matching) is one subclass plus a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -20,6 +20,9 @@ from personalize.backbones.objectives import LossSettings, NoiseSettings
 from personalize.config import CONF_DIR
 from personalize.errors import PersonalizeError
 from personalize.methods.recipe import method_defaults
+
+if TYPE_CHECKING:  # the method's settings import the objectives of this package: types only
+    from personalize.methods.settings import MethodSettings
 
 
 class Conditioning(dict):
@@ -92,24 +95,24 @@ class Backbone:
         self.model_cfg = model_cfg
 
     # -- loading
-    def check_model(self, method_cfg=None) -> None:
+    def check_model(self, method: MethodSettings | None = None) -> None:
         """The model exists and suits the settings (resolution, prediction type, the method's objective
         options), from its config files alone: called before anything is written. Raises one
         PersonalizeError line."""
         raise NotImplementedError
 
-    def check_trainables(self, method_cfg) -> None:
+    def check_trainables(self, method: MethodSettings) -> None:
         """Every stage trains only what this family supports (`supported_trainables`); else one line naming
-        the methods of conf/method that do apply. Config only: called before the model is looked at."""
+        the methods of conf/method that do apply. Settings only: called before the model is looked at."""
         if self.supported_trainables is None:
             return
         supported = set(self.supported_trainables)
-        for stage, cfg in (method_cfg.get("stages") or {}).items():
-            refused = [str(t) for t in cfg.get("train") or () if str(t) not in supported]
+        for stage in method.stages:
+            refused = [t for t in stage.train if t not in supported]
             if refused:
                 applicable = ", ".join(methods_training_only(supported)) or "none"
                 raise PersonalizeError(
-                    f"method.stages.{stage}.train={[str(t) for t in cfg.train]}: the {self.name} backbone "
+                    f"method.stages.{stage.name}.train={list(stage.train)}: the {self.name} backbone "
                     f"(model.backbone={self.name}) cannot train {', '.join(refused)}: it trains "
                     f"{', '.join(self.supported_trainables)}; the methods that apply to it are {applicable}")
 

@@ -29,7 +29,7 @@ class StableDiffusion(Backbone):
     networks = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
     tokenizers = ("tokenizer",)
 
-    def check_model(self, method_cfg=None) -> None:
+    def check_model(self, method=None) -> None:
         """- It predicts what the objective can train (scheduler/scheduler_config.json `prediction_type`), and
           the method's timestep range fits its schedule.
         - `model.resolution` is a multiple of its total downsampling: the VAE's 2**(len(block_out_channels) - 1)
@@ -47,8 +47,8 @@ class StableDiffusion(Backbone):
                 f"model '{source}' has prediction_type={kind} (scheduler/scheduler_config.json), which this training "
                 f"cannot target: use a model whose scheduler predicts one of {', '.join(DDPMObjective.PREDICTION_TYPES)}"
             )
-        if method_cfg is not None:  # the objective's own checks (the timestep range against this schedule)
-            DDPMObjective(scheduler, NoiseSettings.from_cfg(method_cfg.get("noise")), LossSettings.from_cfg(method_cfg.get("loss")))
+        if method is not None:  # the objective's own checks (the timestep range against this schedule)
+            DDPMObjective(scheduler, method.noise, method.loss)
         vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg)
         unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg)
         verify_unet_if_present(source, cfg)  # cached weights that do not match model.unet_sha256 fail here

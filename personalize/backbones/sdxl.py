@@ -47,12 +47,12 @@ class StableDiffusionXL(StableDiffusion):
     networks = {**StableDiffusion.networks, "text_encoder_2": "model"}  # CLIP ViT-L and OpenCLIP ViT-bigG
     tokenizers = ("tokenizer", "tokenizer_2")
 
-    def check_model(self, method_cfg=None) -> None:
+    def check_model(self, method=None) -> None:
         """SD's checks (prediction type, timestep range, resolution), then: the UNet takes SDXL's added
         conditioning, and a `model.vae` given is an AutoencoderKL that can be found."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        super().check_model(method_cfg)
+        super().check_model(method)
         cfg = self.model_cfg
         source = resolve_pretrained(cfg)
         unet = load_pretrained(_ConfigOnly(UNet2DConditionModel), source, "unet", cfg)

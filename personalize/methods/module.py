@@ -32,13 +32,15 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from personalize.backbones import Backbone, Components, Conditioning, ImageInfo, backbone_for
-from personalize.backbones.objectives import Draw, LossSettings, NoiseSettings
+from personalize.backbones.objectives import Draw
 from personalize import instrument
-from personalize.data import DataSettings, crop_offsets, crop_square, crop_top_left
+from personalize.data import crop_offsets, crop_square, crop_top_left
+from personalize.devices import HardwareSettings
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_dir
 from personalize.methods.optim import LrSchedule, build_optimizer
-from personalize.methods.stages import Stage, parse_stages, stage_at
+from personalize.methods.settings import MethodSettings
+from personalize.methods.stages import Stage, stage_at
 from personalize.methods.token import NewTokenEmbedding
 from personalize.methods.trainables import Trainable, attach, encodes_prompt
 from personalize.prompts import PROMPT_TEMPLATES, ExamplePrompts
@@ -119,22 +121,24 @@ class StepLoader(DataLoader):
 class Personalizer(L.LightningModule):
     _lr_schedules: tuple[LrSchedule, ...] = ()  # one per stage, built with its optimizer (configure_optimizers)
 
-    def __init__(self, components: Components, method_cfg, prompts: dict, instance_images: torch.Tensor,
-                 class_images: torch.Tensor | None = None, hardware_cfg=None, checkpoint_info: dict | None = None,
-                 seed: int | None = None, backbone: Backbone | None = None,
+    def __init__(self, components: Components, method: MethodSettings, prompts: dict, instance_images: torch.Tensor,
+                 class_images: torch.Tensor | None = None, *, hardware: HardwareSettings,
+                 checkpoint_info: dict | None = None, seed: int | None = None, backbone: Backbone | None = None,
                  uncropped_images: list[torch.Tensor] | None = None,
                  instance_sizes: tuple[tuple[int, int], ...] | None = None):
-        """`prompts`: identifier, phrase, instance, class, and `captions` ({photo name: filled caption or None},
-        in photo order); `uncropped_images`: with method.data.crop=random, each photo resized so its shorter
-        side is the resolution (each step VAE-encodes random crops of them); `instance_sizes`: each photo's
-        (height, width) before any resize, which a backbone may condition on (SDXL), default the images' own."""
+        """`method` and `hardware`: the run's settings, parsed once from the config (train.prepare_run) or
+        built directly; `prompts`: identifier, phrase, instance, class, and `captions` ({photo name: filled
+        caption or None}, in photo order); `uncropped_images`: with method.data.crop=random, each photo resized
+        so its shorter side is the resolution (each step VAE-encodes random crops of them); `instance_sizes`:
+        each photo's (height, width) before any resize, which a backbone may condition on (SDXL), default the
+        images' own."""
         super().__init__()
         self.automatic_optimization = False
         # resume states hold only what trained (see on_save_checkpoint); the frozen rest comes from the base model
         self.strict_loading = False
-        self.method_cfg = method_cfg
-        self.hardware_cfg = hardware_cfg or {}
-        self.stages: list[Stage] = parse_stages(method_cfg.stages)
+        self.method = method
+        self.hardware = hardware
+        self.stages: list[Stage] = list(method.stages)
         self.trains = {t for stage in self.stages for t in stage.train}
         self.tokenizer = components.tokenizer
         self.text_encoder = components.text_encoder
@@ -147,27 +151,26 @@ class Personalizer(L.LightningModule):
             {name: part for name, part in components.extra.items() if isinstance(part, torch.nn.Module)})
         # the model family: prompt conditioning, objective, denoiser call (SD 1.x/2.x when not given)
         self.backbone = backbone or backbone_for(None)
-        self.objective = self.backbone.objective(components, NoiseSettings.from_cfg(method_cfg.get("noise")),
-                                                 LossSettings.from_cfg(method_cfg.get("loss")))
+        self.objective = self.backbone.objective(components, method.noise, method.loss)
         self.instance_prompt = prompts["instance"]
         self.class_prompt = prompts.get("class")
         self.identifier = prompts["identifier"]
         self.captions: dict[str, str | None] = dict(prompts.get("captions") or {})
-        templates = method_cfg.get("prompt_templates")
+        templates = method.prompt_templates
         self.example_prompts = ExamplePrompts(
             instance=self.instance_prompt, phrase=prompts.get("phrase", self.identifier),
             captions=tuple(self.captions.values()), templates=tuple(PROMPT_TEMPLATES[templates]) if templates else (),
-            seed=int(method_cfg.get("data_seed", 0)),
+            seed=method.data_seed,
         )
         self.checkpoint_info = checkpoint_info or {}
         self.seed = int(seed if seed is not None else self.checkpoint_info.get("seed", 0))
         self._generator: torch.Generator | None = None
         self._rng_to_restore: dict | None = None
-        self.batch_size = int(method_cfg.batch_size)
+        self.batch_size = method.batch_size
         # gradient accumulation: a step's rows are drawn (data, noise, timesteps) as one batch of
         # batch_size x accumulation rows, then run forward and backward batch_size rows at a time
-        self.accumulation = int(method_cfg.get("gradient_accumulation_steps", 1) or 1)
-        self.rows_per_step = self.batch_size * self.accumulation
+        self.accumulation = method.gradient_accumulation_steps
+        self.rows_per_step = method.rows_per_step
         self._images = {"instance": instance_images, "class": class_images}
         self._latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prompt_embeds: dict[str, Conditioning] = {}  # by prompt text, within a stage that encodes none with gradients
@@ -186,13 +189,13 @@ class Personalizer(L.LightningModule):
         for module in (self.text_encoder, self.vae, self.unet, *self.extra_components.values()):
             module.requires_grad_(False)
         # what the stages train (and a new token even where no stage trains it any more), created on the components
-        self.trainables: dict[str, Trainable] = attach(components, method_cfg, self.identifier, self.trains)
-        if self.hardware_cfg.get("channels_last"):
+        self.trainables: dict[str, Trainable] = attach(components, method, self.identifier, self.trains)
+        if hardware.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if self.hardware_cfg.get("compile_unet"):
+        if hardware.compile_unet:
             # in place (nn.Module.compile): the UNet keeps its class, so save_pretrained still works
             self.unet.compile()
-        if self.hardware_cfg.get("gradient_checkpointing"):
+        if hardware.gradient_checkpointing:
             for name in self.trains:
                 self.trainables[name].enable_gradient_checkpointing()
 
@@ -252,7 +255,7 @@ class Personalizer(L.LightningModule):
     @torch.no_grad()
     def cache_latents(self) -> None:
         """VAE-encode the photos once: mean and std of each latent distribution, flips included."""
-        flip = bool(self.method_cfg.get("flip", False))
+        flip = self.method.flip
         for name, images in self._images.items():
             if images is None:
                 continue
@@ -268,12 +271,12 @@ class Personalizer(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         total_steps = self.total_steps()
-        flip = 2 if self.method_cfg.get("flip", False) else 1
+        flip = 2 if self.method.flip else 1
         num_class = 0 if self._images["class"] is None else len(self._images["class"]) * flip
         world, rank = self._ranks()
         dataset = StepIndices(total_steps * self.rows_per_step * world, len(self._images["instance"]) * flip, num_class,
                               self.example_prompts, num_photos=len(self._images["instance"]))
-        sampler = StepSampler(total_steps, self.rows_per_step, int(self.method_cfg.get("data_seed", 0)), rank, world)
+        sampler = StepSampler(total_steps, self.rows_per_step, self.method.data_seed, rank, world)
         return StepLoader(dataset, sampler, steps_done=lambda: self.global_step)
 
     def configure_optimizers(self):
@@ -289,7 +292,7 @@ class Personalizer(L.LightningModule):
     def _make_optimizer(self, stage: Stage) -> tuple[torch.optim.Optimizer, LrSchedule]:
         """The stage's optimizer (a parameter group per trainable) and its lr schedule: methods/optim.py."""
         mixed = "mixed" in str(self.trainer.precision) if self._trainer is not None else False
-        return build_optimizer(stage, self.trainables, self.method_cfg, self.hardware_cfg,
+        return build_optimizer(stage, self.trainables, self.method, self.hardware,
                                world_size=self._ranks()[0], mixed_precision=mixed)
 
     # ---------------------------------------------------------------- stages
@@ -411,9 +414,9 @@ class Personalizer(L.LightningModule):
         if prior_loss is not None:
             loss = instance_loss + stage.prior_loss_weight * prior_loss
             self.log("train/prior_loss", prior_loss, on_step=True, batch_size=n_instance)
-        max_norm = float(self.method_cfg.optimizer.get("max_grad_norm") or 0)
-        if max_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        if self.method.optimizer.clips:
+            self.clip_gradients(optimizer, gradient_clip_val=self.method.optimizer.max_grad_norm,
+                                gradient_clip_algorithm="norm")
         optimizer.step()
 
         # not prog_bar: Lightning would read it on the host (a device sync) after every step
@@ -562,12 +565,11 @@ class Personalizer(L.LightningModule):
         """What checkpoint.json names of how the training examples were made, where it is not the default:
         `prompt_templates`, the token's `num_vectors`, `data` (crop, resize filter) and the photos' `captions`."""
         settings: dict = {}
-        if self.method_cfg.get("prompt_templates"):
-            settings["prompt_templates"] = str(self.method_cfg.prompt_templates)
-        vectors = int((self.method_cfg.get("new_token") or {}).get("num_vectors", 1) or 1)
-        if vectors != 1:
-            settings["num_vectors"] = vectors
-        data = DataSettings.from_cfg(self.method_cfg).non_default()
+        if self.method.prompt_templates:
+            settings["prompt_templates"] = self.method.prompt_templates
+        if self.method.num_vectors != 1:
+            settings["num_vectors"] = self.method.num_vectors
+        data = self.method.data.non_default()
         if data:
             settings["data"] = data
         captions = {name: caption for name, caption in self.captions.items() if caption is not None}

@@ -31,9 +31,13 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.optimization import get_scheduler
 
+from personalize.devices import HardwareSettings
 from personalize.errors import PersonalizeError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # stages and settings import this module (check_schedule): types only
+    from omegaconf import DictConfig
+
+    from personalize.methods.settings import MethodSettings, OptimizerSettings
     from personalize.methods.stages import Stage
     from personalize.methods.trainables import Trainable
 
@@ -58,16 +62,16 @@ POLYNOMIAL_LR_END = 1e-7  # get_scheduler's polynomial decays to diffusers' defa
 
 
 # ---------------------------------------------------------------- which optimizer, and is it there
-def optimizer_name(stage: Stage, hardware_cfg) -> str:
+def optimizer_name(stage: Stage, hardware: HardwareSettings) -> str:
     """The optimizer a stage runs: its own, with `hardware.optimizer=adamw8bit` making adamw 8-bit."""
-    if stage.optimizer == "adamw" and (hardware_cfg or {}).get("optimizer") == "adamw8bit":
+    if stage.optimizer == "adamw" and hardware.optimizer == "adamw8bit":
         return "adamw8bit"
     return stage.optimizer
 
 
-def _setting(stage: Stage, hardware_cfg) -> str:
+def _setting(stage: Stage, hardware: HardwareSettings) -> str:
     """The setting that chose the stage's optimizer (what a user changes to fix it)."""
-    chosen_by_hardware = optimizer_name(stage, hardware_cfg) != stage.optimizer
+    chosen_by_hardware = optimizer_name(stage, hardware) != stage.optimizer
     return "hardware.optimizer" if chosen_by_hardware else f"method.stages.{stage.name}.optimizer"
 
 
@@ -88,10 +92,14 @@ def import_optimizer_package(key: str, name: str):
                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {fix}") from None
 
 
-def check_optimizers(stages: list[Stage], hardware_cfg) -> None:
-    """Every stage's optimizer can be built here: checked with the config, before anything is written."""
+def check_optimizers(stages: list[Stage], hardware: HardwareSettings | DictConfig) -> None:
+    """Every stage's optimizer can be built here: checked with the config, before anything is written.
+
+    The config checks (schema.check_run_settings) pass the `hardware` preset's config, parsed here."""
+    if not isinstance(hardware, HardwareSettings):
+        hardware = HardwareSettings.from_cfg(hardware)
     for stage in stages:
-        import_optimizer_package(_setting(stage, hardware_cfg), optimizer_name(stage, hardware_cfg))
+        import_optimizer_package(_setting(stage, hardware), optimizer_name(stage, hardware))
 
 
 # ---------------------------------------------------------------- a stage's settings, checked together
@@ -118,12 +126,15 @@ def check_schedule(stage: Stage) -> None:
 
 
 # ---------------------------------------------------------------- learning rates
-def scaled_lr(lr: float, method_cfg, world_size: int) -> float:
-    """`lr`, times batch x accumulation x processes when `method.scale_lr` is on (the scripts' order)."""
-    if not method_cfg.get("scale_lr", False):
+def scaled_lr(lr: float, method: MethodSettings, world_size: int) -> float:
+    """`lr`, times batch x accumulation x processes when `method.scale_lr` is on (the scripts' order).
+
+    Reads the three fields by attribute, so the composed `method` config does too (banner.py prints the
+    run's lrs from it before the settings exist)."""
+    if not method.scale_lr:
         return lr
-    accumulation = int(method_cfg.get("gradient_accumulation_steps", 1) or 1)
-    return lr * accumulation * int(method_cfg.batch_size) * world_size
+    accumulation = int(method.gradient_accumulation_steps or 1)
+    return lr * accumulation * int(method.batch_size) * world_size
 
 
 def param_groups(stage: Stage, trainables: dict[str, Trainable], lr_of: Callable[[float], float]) -> list[dict]:
@@ -177,24 +188,23 @@ class LrSchedule:
 
 
 # ---------------------------------------------------------------- the optimizer
-def build_optimizer(stage: Stage, trainables: dict[str, Trainable], method_cfg, hardware_cfg, world_size: int = 1,
-                    mixed_precision: bool = False) -> tuple[torch.optim.Optimizer, LrSchedule]:
+def build_optimizer(stage: Stage, trainables: dict[str, Trainable], method: MethodSettings, hardware: HardwareSettings,
+                    world_size: int = 1, mixed_precision: bool = False) -> tuple[torch.optim.Optimizer, LrSchedule]:
     """The stage's optimizer over what it trains (a group per trainable), and its lr schedule."""
-    name = optimizer_name(stage, hardware_cfg)
-    package = import_optimizer_package(_setting(stage, hardware_cfg), name)
-    opt = method_cfg.optimizer
-    default_lr = scaled_lr(stage.lr, method_cfg, world_size)
-    groups = param_groups(stage, trainables, lambda lr: scaled_lr(lr, method_cfg, world_size))
-    kwargs = dict(lr=default_lr, betas=tuple(opt.betas), weight_decay=float(opt.weight_decay), eps=float(opt.eps))
+    name = optimizer_name(stage, hardware)
+    package = import_optimizer_package(_setting(stage, hardware), name)
+    opt: OptimizerSettings = method.optimizer
+    default_lr = scaled_lr(stage.lr, method, world_size)
+    groups = param_groups(stage, trainables, lambda lr: scaled_lr(lr, method, world_size))
+    kwargs = dict(lr=default_lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, eps=opt.eps)
     if name == "adamw8bit":
         optimizer = package.optim.AdamW8bit(groups, **kwargs)
     elif name == "prodigy":
         if stage.lr < 0.1:
             log.warning("stage '%s' runs prodigy at lr %g: prodigy estimates the step size itself and its lr "
                         "multiplies it; the usual lr is 1.0", stage.name, stage.lr)
-        optimizer = package.Prodigy(groups, **kwargs,
-                                    use_bias_correction=bool(opt.get("prodigy_use_bias_correction", True)),
-                                    safeguard_warmup=bool(opt.get("prodigy_safeguard_warmup", True)))
+        optimizer = package.Prodigy(groups, **kwargs, use_bias_correction=opt.prodigy_use_bias_correction,
+                                    safeguard_warmup=opt.prodigy_safeguard_warmup)
     else:
         optimizer = _torch_adamw(groups, kwargs, mixed_precision)
     schedule = LrSchedule.for_stage(stage, [group["lr"] for group in optimizer.param_groups], default_lr,

@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from personalize.rundir import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, load_run_config
 from personalize.errors import PersonalizeError
 from personalize.methods.token import NewTokenEmbedding, add_placeholder_token, expand_placeholder, token_names
+
+if TYPE_CHECKING:  # the settings import this module (through stages' TRAINABLES): types only
+    from personalize.methods.settings import LoraSettings, MethodSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,13 @@ class Trainable:
     trains_in_place: ClassVar[tuple[str, ...]] = ()  # components whose own weights it trains (kept in fp32)
     saved_untrained: ClassVar[bool] = False  # True: every checkpoint holds it, also before its stage begins
 
-    def __init__(self, components: Any, method_cfg: Any, identifier: str):
+    def __init__(self, components: Any, method: MethodSettings, identifier: str):
         self.components = components
-        self.method_cfg = method_cfg
+        self.method = method
         self.identifier = identifier
 
     @classmethod
-    def attached(cls, method_cfg: Any, trained: set[str]) -> bool:
+    def attached(cls, method: MethodSettings, trained: set[str]) -> bool:
         """Whether a run with this method carries it (by default: when some stage trains it)."""
         return cls.name in trained
 
@@ -88,7 +91,7 @@ class Trainable:
         return None
 
     @classmethod
-    def check_against(cls, method_cfg: Any, trained: set[str], skeleton) -> None:
+    def check_against(cls, method: MethodSettings, trained: set[str], skeleton) -> None:
         """Its settings that only the model's structure can judge (which modules adapters go on), checked on
         weightless copies of the components (`skeleton(name)`) before anything is written, in a run whose
         stages train `trained`; one PersonalizeError line. Nothing by default."""
@@ -140,23 +143,18 @@ class Token(Trainable):
     encodes_prompt = True
     saved_untrained = True  # prompts name the placeholder: a checkpoint without it could not be sampled
 
-    def __init__(self, components, method_cfg, identifier):
-        super().__init__(components, method_cfg, identifier)
-        self.num_vectors = self.vectors(method_cfg)
+    def __init__(self, components, method, identifier):
+        super().__init__(components, method, identifier)
+        self.num_vectors = method.num_vectors
         self.embedding = add_placeholder_token(components.tokenizer, components.text_encoder, identifier,
-                                               str(method_cfg.new_token.initializer), self.num_vectors)
+                                               method.new_token.initializer, self.num_vectors)
         self.embedding.base.requires_grad_(False)
 
-    @staticmethod
-    def vectors(method_cfg) -> int:
-        """method.new_token.num_vectors (1 where the method sets no new token or no count)."""
-        return int((method_cfg.get("new_token") or {}).get("num_vectors", 1) or 1)
-
     @classmethod
-    def attached(cls, method_cfg, trained):
-        if cls.name in trained and not method_cfg.get("new_token"):
+    def attached(cls, method, trained):
+        if cls.name in trained and method.new_token is None:
             raise PersonalizeError("a stage trains 'token' but method.new_token is not set: give the placeholder's initializer")
-        return bool(method_cfg.get("new_token"))  # a token trained in stage 1 is still there in stage 2
+        return method.new_token is not None  # a token trained in stage 1 is still there in stage 2
 
     def parameters(self):
         return [self.embedding.new_rows]
@@ -240,36 +238,48 @@ class LoraAdapters(Trainable):
     targets_key: ClassVar[str]  # the method.lora setting listing its target modules
     example_targets: ClassVar[tuple[str, ...]] = ()  # for messages
 
-    def __init__(self, components, method_cfg, identifier):
-        super().__init__(components, method_cfg, identifier)
+    def __init__(self, components, method, identifier):
+        super().__init__(components, method, identifier)
         model = getattr(components, self.component)
-        self.inject_checked(model, method_cfg)
+        self.inject_checked(model, self.settings(method))
         for name, param in model.named_parameters():
             if self.owns(name):
                 param.data = param.data.float()  # adapters train in fp32 even on a bf16 base
 
     # ---------------------------------------------------------------- the adapter
     @classmethod
-    def targeted(cls, model, method_cfg) -> list[str]:
+    def targets(cls, lora: LoraSettings) -> tuple[str, ...]:
+        """Its target modules (the `method.lora` setting `targets_key` names)."""
+        raise NotImplementedError
+
+    @classmethod
+    def settings(cls, method: MethodSettings) -> LoraSettings:
+        """`method.lora`; one line where the method has none."""
+        if method.lora is None:
+            raise PersonalizeError(f"a stage trains '{cls.name}' but method.lora is not set: give its rank, alpha "
+                                   f"and {cls.targets_key} (conf/method/_common.yaml has them)")
+        return method.lora
+
+    @classmethod
+    def targeted(cls, model, lora: LoraSettings) -> list[str]:
         """The modules of `model` its targets name (PEFT's rule: the whole name, or its end after a dot)."""
-        targets = [str(t) for t in method_cfg.lora[cls.targets_key]]
+        targets = cls.targets(lora)
         return [name for name, _ in model.named_modules() if any(name == t or name.endswith(f".{t}") for t in targets)]
 
     @classmethod
-    def lora_config(cls, method_cfg, targeted: list[str]):
+    def lora_config(cls, lora: LoraSettings, targeted: list[str]):
         """PEFT's LoraConfig of `method.lora` for this component, whose targets select the modules `targeted`.
 
         rank_pattern / alpha_pattern serve both LoRA trainables: each component's config keeps the keys that
         match one of its modules (a key matching none of any is refused at config time, check_against)."""
         from peft import LoraConfig
 
-        cfg = method_cfg.lora
-        mine = {key: {k: v for k, v in lora_patterns(cfg, key).items() if any(_pattern_matches(k, n) for n in targeted)}
-                for key in ("rank_pattern", "alpha_pattern")}
+        mine = {key: {k: v for k, v in patterns.items() if any(_pattern_matches(k, n) for n in targeted)}
+                for key, patterns in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern))}
         return LoraConfig(
-            r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.get("dropout", 0.0)),
-            use_dora=bool(cfg.get("use_dora", False)), init_lora_weights="gaussian",
-            target_modules=[str(t) for t in cfg[cls.targets_key]],
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            use_dora=lora.use_dora, init_lora_weights="gaussian",
+            target_modules=list(cls.targets(lora)),
             rank_pattern={k: int(v) for k, v in mine["rank_pattern"].items()},
             alpha_pattern={k: float(v) for k, v in mine["alpha_pattern"].items()},
         )
@@ -280,16 +290,16 @@ class LoraAdapters(Trainable):
         raise NotImplementedError
 
     @classmethod
-    def inject_checked(cls, model, method_cfg) -> None:
+    def inject_checked(cls, model, lora: LoraSettings) -> None:
         """`inject`; a target that names no module, or a module PEFT cannot adapt, is one line."""
         key = f"method.lora.{cls.targets_key}"
-        targeted = cls.targeted(model, method_cfg)
-        for target in sorted({str(t) for t in method_cfg.lora[cls.targets_key]}):
+        targeted = cls.targeted(model, lora)
+        for target in sorted(set(cls.targets(lora))):
             if not any(name == target or name.endswith(f".{target}") for name in targeted):
                 raise PersonalizeError(
                     f"{key} has '{target}', which names no module of the {cls.component}: name Linear or Conv2d "
                     f"modules (whole names or their ends), e.g. {', '.join(cls.example_targets)}")
-        config = cls.lora_config(method_cfg, targeted)
+        config = cls.lora_config(lora, targeted)
         try:
             cls.inject(model, config)
         except ValueError as error:  # PEFT's: a module it has no LoRA layer for (a norm, an activation)
@@ -299,14 +309,15 @@ class LoraAdapters(Trainable):
             ) from None
 
     @classmethod
-    def check_against(cls, method_cfg, trained, skeleton) -> None:
-        cls.inject_checked(skeleton(cls.component), method_cfg)
-        adapters = [c for c in TRAINABLES.values() if issubclass(c, LoraAdapters) and c.attached(method_cfg, trained)]
+    def check_against(cls, method, trained, skeleton) -> None:
+        lora = cls.settings(method)
+        cls.inject_checked(skeleton(cls.component), lora)
+        adapters = [c for c in TRAINABLES.values() if issubclass(c, LoraAdapters) and c.attached(method, trained)]
         if cls is not adapters[0]:
             return  # the patterns are checked once, against the modules of every LoRA trainable of the run
-        targeted = [name for c in adapters for name in c.targeted(skeleton(c.component), method_cfg)]
-        for setting in ("rank_pattern", "alpha_pattern"):
-            for pattern, value in lora_patterns(method_cfg.lora, setting).items():
+        targeted = [name for c in adapters for name in c.targeted(skeleton(c.component), lora)]
+        for setting, patterns in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern)):
+            for pattern, value in patterns.items():
                 if not any(_pattern_matches(pattern, name) for name in targeted):
                     where = ", ".join(f"method.lora.{c.targets_key} on the {c.component}" for c in adapters)
                     raise PersonalizeError(
@@ -359,6 +370,10 @@ class Lora(LoraAdapters):
     adapter = "default"  # PEFT's default name, kept: earlier runs' resume states hold `lora_A.default` keys
     targets_key = "target_modules"
     example_targets = ("to_q", "ff.net.2", "conv1")
+
+    @classmethod
+    def targets(cls, lora):
+        return lora.target_modules
 
     @classmethod
     def inject(cls, model, config):
@@ -420,7 +435,11 @@ class TextEncoderLora(LoraAdapters):
     encodes_prompt = True
 
     @classmethod
-    def attached(cls, method_cfg, trained):
+    def targets(cls, lora):
+        return lora.text_encoder_target_modules
+
+    @classmethod
+    def attached(cls, method, trained):
         if cls.name in trained and TextEncoder.name in trained:
             raise PersonalizeError(
                 f"the stages train both '{TextEncoder.name}' and '{cls.name}': train the whole text encoder or "
@@ -464,8 +483,8 @@ class CustomDiffusion(Trainable):
 
     name = "custom_diffusion"
 
-    def __init__(self, components, method_cfg, identifier):
-        super().__init__(components, method_cfg, identifier)
+    def __init__(self, components, method, identifier):
+        super().__init__(components, method, identifier)
         from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
         unet = components.unet
@@ -536,14 +555,6 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return get_pattern_key([pattern], name) == pattern
 
 
-def lora_patterns(lora_cfg, key: str) -> dict:
-    """`method.lora.rank_pattern` / `alpha_pattern`: {module name or regex: rank / alpha}, {} for null. The
-    schema has checked it (a mapping, keys that compile, values in the range of rank / alpha: schema.Patterns)
-    before a run builds anything; what is left to check is which modules a pattern matches (check_against)."""
-    value = lora_cfg.get(key)
-    return {} if value is None else {str(k): v for k, v in value.items()}
-
-
 def add_to_lora_file(folder: Path, component: str, layers: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write one component's part of the checkpoint's LoRA file (its layers and adapter metadata), keeping the
     part another LoRA trainable already wrote into `folder`: the trainables save in either order, and the
@@ -606,13 +617,13 @@ def component_skeleton(model_cfg, component: str) -> nn.Module:
         return model_class.from_config(config)
 
 
-def check_against_model(method_cfg, model_cfg) -> None:
+def check_against_model(method: MethodSettings, model_cfg) -> None:
     """What the method's trainables need of the model (Trainable.check_against), on weightless copies of its
     components: called with the config checks, before anything is written."""
-    trained = {str(t) for stage in (method_cfg.get("stages") or {}).values() for t in (stage.get("train") or ())}
+    trained = method.trained
     for cls in TRAINABLES.values():
-        if cls.attached(method_cfg, trained):
-            cls.check_against(method_cfg, trained, lambda component: component_skeleton(model_cfg, component))
+        if cls.attached(method, trained):
+            cls.check_against(method, trained, lambda component: component_skeleton(model_cfg, component))
 
 
 def _replace_component(pipe, ckpt_dir: Path, name: str, model_class) -> None:
@@ -634,10 +645,10 @@ def check_names(stage: str, names: tuple[str, ...]) -> None:
         )
 
 
-def attach(components, method_cfg, identifier: str, trained: set[str]) -> dict[str, Trainable]:
+def attach(components, method: MethodSettings, identifier: str, trained: set[str]) -> dict[str, Trainable]:
     """The trainables a run carries, created on its components, in load order."""
-    return {name: cls(components, method_cfg, identifier)
-            for name, cls in TRAINABLES.items() if cls.attached(method_cfg, trained)}
+    return {name: cls(components, method, identifier)
+            for name, cls in TRAINABLES.items() if cls.attached(method, trained)}
 
 
 def component_dtypes(trained: set[str], frozen: torch.dtype, components=("vae", "text_encoder", "unet")) -> dict[str, torch.dtype]:
