@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from personalize.backbones.objectives import Draw
 from personalize.methods.trainables import TRAINABLES
 
 
@@ -20,6 +22,25 @@ def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
             owner = next((cls.name for cls in own if cls.owns(name)), component)
             parts[owner][f"{component}.{name}"] = param.detach().clone()
     return parts
+
+
+@torch.no_grad()
+def fixed_loss(module, seed: int = 0, timesteps: tuple[int, ...] = (50, 250, 450, 650, 850)) -> float:
+    """A Personalizer's instance loss on fixed noise and timesteps over every photo: a noise-free measure of
+    fit (the method tests ask that training lowers it). Draws from none of the run's generators."""
+    if not module._latents:
+        module.cache_latents()
+    latents = module._latents["instance"][0]
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.arange(len(latents))
+    embeds = module._encode_prompt(module.instance_prompt).expand(len(latents)) | module._image_conditioning("instance", rows)
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        draw = Draw(noise, torch.full((len(latents),), t, device=module.device))
+        pred, target = module._predict(latents, draw, embeds)
+        losses.append(F.mse_loss(pred, target))
+    return float(torch.stack(losses).mean())
 
 
 def changed_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from personalize.train import fit, prepare_run
-from tests.helpers import changed_fraction, snapshot, stock_pipeline
+from tests.helpers import changed_fraction, fixed_loss, snapshot, stock_pipeline
 
 # Short runs with learning rates large enough that the fixed-noise loss visibly falls in a few steps.
 SHORT_RUNS = {
@@ -56,11 +56,11 @@ def test_method_trains_only_its_parameters_and_saves_stock_artifacts(method, mak
     run = prepare_run(make_cfg(f"method={method}", "subject=sample_dog", *SHORT_RUNS[method]))
     module = run.module
     before = snapshot(module)
-    loss_before = module.fixed_loss()
+    loss_before = fixed_loss(module)
 
     fit(run)
 
-    loss_after = module.fixed_loss()
+    loss_after = fixed_loss(module)
     assert np.isfinite(loss_before) and np.isfinite(loss_after)
     assert loss_after < loss_before, f"{method}: fixed-noise loss did not fall ({loss_before} -> {loss_after})"
 

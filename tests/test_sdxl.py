@@ -31,7 +31,7 @@ from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
 from personalize.methods.module import Personalizer
 from personalize.train import fit, prepare_run
-from tests.helpers import changed_fraction, snapshot, stock_pipeline
+from tests.helpers import changed_fraction, fixed_loss, snapshot, stock_pipeline
 
 SAMPLE_DOG = PROJECT_ROOT / "data" / "samples" / "dog"
 ORIENTATION = 0x0112
@@ -254,9 +254,9 @@ def test_method_trains_checkpoints_and_loads_in_the_stock_sdxl_pipeline(method, 
     assert type(module.backbone).__name__ == "StableDiffusionXL"
     before = snapshot(module)
     second_encoder = {n: p.detach().clone() for n, p in module.components.extra["text_encoder_2"].named_parameters()}
-    loss_before = module.fixed_loss()
+    loss_before = fixed_loss(module)
     fit(run)
-    assert module.fixed_loss() < loss_before
+    assert fixed_loss(module) < loss_before
 
     after = snapshot(module)
     for part in before:

@@ -479,23 +479,6 @@ class Personalizer(L.LightningModule):
         return pred, self.objective.target(latents, draw)
 
     @torch.no_grad()
-    def fixed_loss(self, seed: int = 0, timesteps: tuple[int, ...] = (50, 250, 450, 650, 850)) -> float:
-        """Instance loss on fixed noise and timesteps over every photo: a noise-free measure of fit."""
-        if not self._latents:
-            self.cache_latents()
-        latents = self._latents["instance"][0]
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.arange(len(latents))
-        embeds = self._encode_prompt(self.instance_prompt).expand(len(latents)) | self._image_conditioning("instance", rows)
-        losses = []
-        for t in timesteps:
-            noise = torch.randn(latents.shape, generator=generator).to(latents)
-            draw = Draw(noise, torch.full((len(latents),), t, device=self.device))
-            pred, target = self._predict(latents, draw, embeds)
-            losses.append(F.mse_loss(pred, target))
-        return float(torch.stack(losses).mean())
-
-    @torch.no_grad()
     def predicts_finite(self) -> bool:
         """Whether the current weights still give a finite prediction: one forward pass on fixed noise.
 
