@@ -266,8 +266,8 @@ class Personalizer(L.LightningModule):
                 dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
                 means.append(dist.mean.float())
                 stds.append(dist.std.float())
-            scale = self.vae.config.scaling_factor
-            self._latents[name] = (torch.cat(means) * scale, torch.cat(stds) * scale)
+            # SD: z * scaling_factor; FLUX: (z - shift_factor) * scaling_factor
+            self._latents[name] = self.backbone.latent_distribution(self.vae, torch.cat(means), torch.cat(stds))
 
     def train_dataloader(self) -> DataLoader:
         total_steps = self.total_steps()
@@ -352,8 +352,7 @@ class Personalizer(L.LightningModule):
         pixels, offsets = self._random_crops(index)
         with torch.no_grad(), instrument.span("train.encode_crops"):
             dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        scale = self.vae.config.scaling_factor
-        mean, std = dist.mean.float() * scale, dist.std.float() * scale
+        mean, std = self.backbone.latent_distribution(self.vae, dist.mean.float(), dist.std.float())
         return mean + std * self._randn(mean.shape), offsets
 
     def _image_conditioning(self, name: str, index: torch.Tensor, offsets: list[int] | None = None) -> Conditioning:
