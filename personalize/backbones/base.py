@@ -64,7 +64,8 @@ class ImageInfo:
 @dataclass
 class Components:
     """A model's loaded parts. `unet` is the denoiser (a transformer for flow models); `extra` holds what
-    only some families have (SDXL's second tokenizer and text encoder)."""
+    only some families have (SDXL's second tokenizer and text encoder); `folders` names the pipeline folder
+    (and LoRA-file part) of a component whose pipeline calls it otherwise (FLUX: unet -> transformer)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -72,6 +73,11 @@ class Components:
     unet: torch.nn.Module
     noise_scheduler: Any  # the training scheduler, configured like the model's own
     extra: dict[str, Any] = field(default_factory=dict)
+    folders: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, name: str) -> str:
+        """The stock pipeline's name of component `name`: its folder, and its part of a LoRA file."""
+        return self.folders.get(name, name)
 
     def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
         """(tokenizer, text encoder) pairs: where a new token must be added."""
@@ -90,6 +96,7 @@ class Backbone:
     # network's folder -> the stem of its weight files, and the tokenizer folders
     networks: ClassVar[dict[str, str]]
     tokenizers: ClassVar[tuple[str, ...]]
+    folders: ClassVar[dict[str, str]] = {}  # Components name -> the pipeline's, where they differ (Components.folders)
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg

@@ -52,6 +52,7 @@ class Flux(Backbone):
     networks = {"text_encoder": "model", "text_encoder_2": "model", "transformer": "diffusion_pytorch_model",
                 "vae": "diffusion_pytorch_model"}
     tokenizers = ("tokenizer", "tokenizer_2")
+    folders = {"unet": "transformer"}  # the pipeline's folder, and the LoRA file's part, of the denoiser
 
     def check_model(self, method=None) -> None:
         """- It is a FLUX pipeline: a FluxTransformer2DModel in transformer/ and a flow-match scheduler;
@@ -105,7 +106,8 @@ class Flux(Backbone):
         transformer = load_pretrained(FluxTransformer2DModel, source, "transformer", cfg, dtype=dtypes.get("unet", fp32))
         scheduler = load_pretrained(FlowMatchEulerDiscreteScheduler, source, "scheduler", cfg)
         return FluxComponents(tokenizer, text_encoder, vae, transformer, scheduler,
-                              extra={"tokenizer_2": tokenizer_2, "text_encoder_2": text_encoder_2})
+                              extra={"tokenizer_2": tokenizer_2, "text_encoder_2": text_encoder_2},
+                              folders=dict(self.folders))
 
     def load_pipeline(self, dtype=torch.float32, **components):
         """The stock FluxPipeline; a trained denoiser may be passed as `unet=` (the Components name) or

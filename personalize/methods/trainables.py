@@ -210,14 +210,15 @@ class Unet(Trainable):
         self.components.unet.enable_gradient_checkpointing()
 
     def save(self, folder):
-        self.components.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        return "unet"
+        name = self.components.folder("unet")  # FLUX's pipeline calls its denoiser `transformer`
+        self.components.unet.save_pretrained(folder / name, safe_serialization=True)
+        return name
 
     @classmethod
     def load_into(cls, pipe, ckpt_dir):
-        from diffusers import UNet2DConditionModel
-
-        _replace_component(pipe, ckpt_dir, "unet", UNet2DConditionModel)
+        for name in ("unet", "transformer"):  # whichever the pipeline has: the same class as its own
+            if getattr(pipe, name, None) is not None:
+                _replace_component(pipe, ckpt_dir, name, type(getattr(pipe, name)))
 
 
 class LoraAdapters(Trainable):
@@ -349,7 +350,8 @@ class LoraAdapters(Trainable):
 
     def save(self, folder):
         config = getattr(self.components, self.component).peft_config[self.adapter]
-        add_to_lora_file(folder, self.component, self.file_layers(), config.to_dict())
+        # its part under the stock pipeline's name of the component (FLUX: `transformer.`, which its loader reads)
+        add_to_lora_file(folder, self.components.folder(self.component), self.file_layers(), config.to_dict())
         return LORA_FILE
 
     @classmethod
@@ -559,12 +561,14 @@ def add_to_lora_file(folder: Path, component: str, layers: dict[str, torch.Tenso
     """Write one component's part of the checkpoint's LoRA file (its layers and adapter metadata), keeping the
     part another LoRA trainable already wrote into `folder`: the trainables save in either order, and the
     file holds both, through diffusers' own writer."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
     path = folder / LORA_FILE
     parts = read_lora_parts(path) if path.exists() else {}
     parts[component] = (layers, metadata)
-    StableDiffusionPipeline.save_lora_weights(
+    # the writer whose parts these are: SD's takes unet/text_encoder, FLUX's transformer/text_encoder
+    writer = FluxPipeline if "transformer" in parts else StableDiffusionPipeline
+    writer.save_lora_weights(
         folder, safe_serialization=True, **{f"{name}_lora_layers": part[0] for name, part in parts.items()},
         **{f"{name}_lora_adapter_metadata": part[1] for name, part in parts.items()})
 
@@ -603,9 +607,11 @@ def component_skeleton(model_cfg, component: str) -> nn.Module:
     shapes, no weights. Its class is the one the model's model_index.json names (diffusers or transformers)."""
     from diffusers import DiffusionPipeline
 
+    from personalize.backbones import backbone_for
     from personalize.models import load_pretrained, resolve_pretrained
 
     source = resolve_pretrained(model_cfg)
+    component = backbone_for(model_cfg).folders.get(component, component)  # FLUX's unet is transformer/
     library, class_name = load_pretrained(_ConfigFile(DiffusionPipeline.load_config), source, None, model_cfg)[component]
     model_class = getattr(importlib.import_module(library), class_name)
     if library == "transformers":
@@ -630,7 +636,7 @@ def _replace_component(pipe, ckpt_dir: Path, name: str, model_class) -> None:
     """A fine-tuned component saved whole (`<ckpt>/<name>/`) replaces the pipeline's, in its dtype and device."""
     if (ckpt_dir / name).is_dir():
         current = getattr(pipe, name)
-        setattr(pipe, name, model_class.from_pretrained(ckpt_dir / name, dtype=pipe.unet.dtype).to(current.device))
+        setattr(pipe, name, model_class.from_pretrained(ckpt_dir / name, dtype=current.dtype).to(current.device))
 
 def _claimed_on_unet(param_name: str) -> bool:
     """Whether a UNet parameter belongs to an adapter/processor trainable rather than to the UNet itself."""
