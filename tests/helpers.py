@@ -97,3 +97,24 @@ def fixed_inputs():
 def unet_output(unet):
     latents, t, embeds = fixed_inputs()
     return unet.eval()(latents, t, embeds).sample
+
+
+def script_adamw_step(params: dict, optimizer_cfg, lr: float) -> None:
+    """The diffusers scripts' update after backward: clip the gradients to max_grad_norm, one AdamW step."""
+    torch.nn.utils.clip_grad_norm_(params.values(), float(optimizer_cfg.max_grad_norm))
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=tuple(optimizer_cfg.betas),
+                                  weight_decay=float(optimizer_cfg.weight_decay), eps=float(optimizer_cfg.eps))
+    optimizer.step()
+
+
+def assert_step_matches(step: dict, loss: torch.Tensor, params: dict) -> None:
+    """Our recorded step (loss, gradients, weights before/after) equals a script's step on `params`, to float32
+    rounding (the same math, another order of ops), and every trained weight moved."""
+    torch.testing.assert_close(step["loss"], loss.detach(), rtol=1e-5, atol=1e-7)
+    moved = 0
+    for name, param in params.items():
+        torch.testing.assert_close(step["grads"][name], param.grad, rtol=1e-4, atol=1e-8, msg=f"gradient of {name}")
+        torch.testing.assert_close(step["after"][name], param.detach(), rtol=1e-5, atol=1e-7, msg=f"{name} after the step")
+        moved += not torch.equal(step["after"][name], step["before"][name])
+    assert moved == len(params)  # every LoRA weight took the step (B from its gradient, A from weight decay)
+    assert any(float(g.abs().max()) > 0 for g in step["grads"].values())

@@ -33,6 +33,7 @@ from personalize.errors import PersonalizeError
 from personalize.methods.module import Personalizer
 from personalize.train import fit, prepare_run
 from tests.fakehub import FakeHub
+from tests.helpers import assert_step_matches, script_adamw_step
 
 # train_dreambooth_lora_flux.py's default --lora_layers
 SCRIPT_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -166,22 +167,11 @@ def test_a_lora_step_equals_train_dreambooth_lora_flux(flux_cfg, tiny_flux_dir, 
     target = noise - model_input
     loss = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
     loss.backward()
-    opt_cfg = cfg.method.optimizer
-    torch.nn.utils.clip_grad_norm_(params.values(), float(opt_cfg.max_grad_norm))
-    optimizer = torch.optim.AdamW(params.values(), lr=1e-3, betas=tuple(opt_cfg.betas),
-                                  weight_decay=float(opt_cfg.weight_decay), eps=float(opt_cfg.eps))
-    optimizer.step()
+    script_adamw_step(params, cfg.method.optimizer, lr=1e-3)
 
     # the same math in another order of float32 ops (the mean of row means; the weights of the T5 states
     # computed by another kernel where they require grad): agreement to float32 rounding, not bits
-    torch.testing.assert_close(step["loss"], loss.detach(), rtol=1e-5, atol=1e-7)
-    moved = 0
-    for name, param in params.items():
-        torch.testing.assert_close(step["grads"][name], param.grad, rtol=1e-4, atol=1e-8, msg=f"gradient of {name}")
-        torch.testing.assert_close(step["after"][name], param.detach(), rtol=1e-5, atol=1e-7, msg=f"{name} after the step")
-        moved += not torch.equal(step["after"][name], step["before"][name])
-    assert moved == len(params)
-    assert any(float(g.abs().max()) > 0 for g in step["grads"].values())
+    assert_step_matches(step, loss, params)
 
 
 # ---------------------------------------------------------------- lora: train, checkpoint, stock load, sample
@@ -357,3 +347,16 @@ except PersonalizeError as error:
     (line,) = [line for line in result.stdout.splitlines() if line.startswith(("ERROR", "LOADED"))] or [result.stderr]
     assert line.startswith("ERROR model.pretrained=black-forest-labs/FLUX.1-dev: the model is gated"), line
     assert "accept its terms at https://huggingface.co/black-forest-labs/FLUX.1-dev" in line and "hf auth login" in line
+
+
+def test_a_resolution_the_packed_latents_cannot_take_is_one_line(flux_cfg, tiny_flux_dir, tmp_path):
+    """The tiny FLUX's VAE downsamples by 2 ** (levels - 1) and the transformer packs 2x2 latent patches: a
+    resolution must be a multiple of both together, computed here from the saved VAE config."""
+    vae_levels = len(json.loads((tiny_flux_dir / "vae" / "config.json").read_text())["block_out_channels"])
+    multiple = 2 ** (vae_levels - 1) * 2
+    with pytest.raises(PersonalizeError) as error:
+        prepare_run(flux_cfg("method=lora", "subject=sample_dog", f"model.resolution={multiple * 4 + multiple // 2}", name="bad"))
+    message = str(error.value)
+    assert "\n" not in message and f"use a multiple of {multiple} (its VAE downsamples {multiple // 2}x and the " \
+        "transformer packs 2x2 latent patches into one token), e.g. " f"{multiple * 4} or {multiple * 5}" in message, message
+    assert not (tmp_path / "bad").exists()

@@ -23,7 +23,7 @@ import torch
 
 from personalize.backbones.base import Backbone, Components, Conditioning
 from personalize.backbones.objectives import FlowMatchingObjective, LossSettings, NoiseSettings
-from personalize.backbones.sd import _ConfigOnly
+from personalize.backbones.sd import _ConfigOnly, check_resolution
 from personalize.errors import PersonalizeError
 from personalize.models import load_pretrained, resolve_pretrained
 
@@ -78,13 +78,8 @@ class Flux(Backbone):
             FlowMatchingObjective(scheduler, method.noise, method.loss)
         vae = load_pretrained(_ConfigOnly(AutoencoderKL), source, "vae", cfg)
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        multiple, resolution = vae_factor * PATCH, int(cfg.resolution)
-        if resolution % multiple:
-            lower = resolution // multiple * multiple
-            choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
-            raise PersonalizeError(
-                f"model.resolution={resolution} does not suit model '{source}': use a multiple of {multiple} (its VAE "
-                f"downsamples {vae_factor}x and the transformer packs 2x2 latent patches into one token), e.g. {choices}")
+        check_resolution(int(cfg.resolution), vae_factor * PATCH, source,
+                         f"its VAE downsamples {vae_factor}x and the transformer packs 2x2 latent patches into one token")
 
     def load_components(self, dtypes=None) -> FluxComponents:
         """Both tokenizers and text encoders, VAE, transformer and the flow-match training scheduler; `dtypes`

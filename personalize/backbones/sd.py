@@ -21,6 +21,17 @@ class _ConfigOnly:
         return self.model_class.load_config(source, **kwargs)
 
 
+def check_resolution(resolution: int, multiple: int, source: str, why: str) -> None:
+    """`model.resolution` must be a multiple of the model's total downsampling (`why` says where it comes from),
+    so latents, every denoiser level (or patch grid) and the skip connections have whole sizes; else one line
+    with the nearest valid values."""
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
+        raise PersonalizeError(f"model.resolution={resolution} does not suit model '{source}': use a multiple of "
+                               f"{multiple} ({why}), e.g. {choices}")
+
+
 class StableDiffusion(Backbone):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
@@ -54,14 +65,8 @@ class StableDiffusion(Backbone):
         verify_unet_if_present(source, cfg)  # cached weights that do not match model.unet_sha256 fail here
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
-        multiple, resolution = vae_factor * unet_factor, int(cfg.resolution)
-        if resolution % multiple:
-            lower = resolution // multiple * multiple
-            choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
-            raise PersonalizeError(
-                f"model.resolution={resolution} does not suit model '{source}': use a multiple of {multiple} "
-                f"(its VAE downsamples {vae_factor}x, its UNet {unet_factor}x more), e.g. {choices}"
-            )
+        check_resolution(int(cfg.resolution), vae_factor * unet_factor, source,
+                         f"its VAE downsamples {vae_factor}x, its UNet {unet_factor}x more")
 
     def load_components(self, dtypes=None) -> Components:
         """Tokenizer, text encoder, VAE, UNet and the DDPM training scheduler; `dtypes` maps a component's
