@@ -378,21 +378,15 @@ def make_sampler(pipe, name: str):
 
     The samplers are DDPM-family solvers; a flow-matching pipeline (FLUX.1) has one sampler, its own
     FlowMatchEulerDiscreteScheduler, which FluxPipeline needs (it passes sigmas and a shift the DDPM
-    solvers do not take): it keeps it whatever the name, and says so once."""
+    solvers do not take): it keeps it whatever the name, and says so."""
     import diffusers
 
     classes = SAMPLERS
     if name not in classes:
         raise PersonalizeError(f"unknown sampler '{name}': choose one of {', '.join(classes)}")
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
-        global _flow_sampler_said
-        if not _flow_sampler_said:
-            log.info("%s samples with its own %s: sampler=%s applies to DDPM-family models only",
-                     type(pipe).__name__, type(pipe.scheduler).__name__, name)
-            _flow_sampler_said = True
+        log.info("%s samples with its own %s: sampler=%s applies to DDPM-family models only",
+                 type(pipe).__name__, type(pipe.scheduler).__name__, name)
         return pipe
     pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
     return pipe
-
-
-_flow_sampler_said = False

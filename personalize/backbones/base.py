@@ -80,8 +80,12 @@ class Components:
         return self.folders.get(name, name)
 
     def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
-        """(tokenizer, text encoder) pairs: where a new token must be added."""
-        return [(self.tokenizer, self.text_encoder)]
+        """(tokenizer, text encoder) pairs: where a new token must be added; a family with a second encoder
+        (SDXL's OpenCLIP, FLUX's T5) keeps it in `extra` as `tokenizer_2` / `text_encoder_2`."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if "text_encoder_2" in self.extra:
+            pairs.append((self.extra["tokenizer_2"], self.extra["text_encoder_2"]))
+        return pairs
 
 
 class Backbone:

@@ -17,7 +17,6 @@ editing is not supported (docs/editing.md says why).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -34,9 +33,6 @@ PATCH = 2  # latents are packed into PATCH x PATCH patches, one transformer toke
 
 class FluxComponents(Components):
     """FLUX's parts: `unet` is the FluxTransformer2DModel; `extra` holds T5 (`tokenizer_2`, `text_encoder_2`)."""
-
-    def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
-        return [(self.tokenizer, self.text_encoder), (self.extra["tokenizer_2"], self.extra["text_encoder_2"])]
 
 
 class Flux(Backbone):

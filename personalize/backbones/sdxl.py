@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,9 +32,6 @@ log = logging.getLogger(__name__)
 
 class SDXLComponents(Components):
     """SDXL's parts: `extra` holds the second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`)."""
-
-    def text_encoders(self) -> list[tuple[Any, torch.nn.Module]]:
-        return [(self.tokenizer, self.text_encoder), (self.extra["tokenizer_2"], self.extra["text_encoder_2"])]
 
 
 class StableDiffusionXL(StableDiffusion):
