@@ -31,6 +31,8 @@ from personalize.eval.standins import ensure_tiny_clip, ensure_tiny_dino
 from personalize.io import build_atomically
 from personalize.prompts import project_vocabulary
 from personalize.tiny import TINY_RESOLUTION, ensure_tiny_sd, tokenizer_files
+from personalize.tiny_flux import ensure_tiny_flux
+from personalize.tiny_sdxl import ensure_tiny_sdxl
 from personalize.tiny import build_tokenizer as tiny_tokenizer
 
 CLIP_VOCAB_SIZE = 49408  # the real CLIP BPE vocabulary size: the embedding table has the real shape
@@ -151,18 +153,25 @@ def build_sd(shape: Shape, out_dir: Path) -> None:
     (out_dir / "bench_shape.json").write_text(json.dumps(asdict(shape), indent=2) + "\n")
 
 
+# The test suite's tiny models of the other families (`--backbone sdxl|flux`): their rows' step ÷ floor.
+TINY_BACKBONES = {"tiny_sdxl": (ensure_tiny_sdxl, "tiny-sdxl-v1"), "tiny_flux": (ensure_tiny_flux, "tiny-flux-v1")}
+
+
 def ensure_model(shape_name: str, cache_dir: Path) -> Path:
-    """The pipeline folder of `shape_name` ("bench", "sd21" or "tiny"), built on first use."""
+    """The pipeline folder of `shape_name` ("bench", "sd21", "tiny", "tiny_sdxl" or "tiny_flux"), built on first use."""
     if shape_name == "tiny":
         return ensure_tiny_sd(Path(cache_dir) / "models" / "tiny-sd-v1")
+    if shape_name in TINY_BACKBONES:
+        build, folder = TINY_BACKBONES[shape_name]
+        return build(Path(cache_dir) / "models" / folder)
     shape = SHAPES[shape_name]
     path = Path(cache_dir) / "bench" / f"{shape.name}-{shape.key()}"
     return build_atomically(path, "model_index.json", lambda out: build_sd(shape, out))
 
 
 def resolution_of(shape_name: str) -> int:
-    if shape_name == "tiny":
-        return TINY_RESOLUTION
+    if shape_name == "tiny" or shape_name in TINY_BACKBONES:
+        return TINY_RESOLUTION  # the tiny SDXL and FLUX are made for the same 64 px
     return SHAPES[shape_name].resolution
 
 

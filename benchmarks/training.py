@@ -34,6 +34,7 @@ optimizer step, the floor's, and the gradient clipping the method asks for.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import statistics
@@ -51,6 +52,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmarks.measure import Clock, peak_memory, reset_peak_memory, rss_mb, timed
+from personalize.backbones import Conditioning, ImageInfo
+from personalize.backbones.objectives import Draw
 from personalize.class_images import image_path
 from personalize.config import compose
 from personalize.data import DataSettings, Subject, load_subject_images
@@ -92,10 +95,17 @@ class _Path:
         self.batch = module.batch_size  # instance rows per micro-batch (and as many class rows with a prior)
         self.accumulation = module.accumulation  # micro-batches per optimizer step
 
-    def _ids(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.module.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.device)
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        """The backbone's prompt conditioning (SD: one encoder; SDXL: both and the pooled output; FLUX: CLIP
+        pooled + T5), with each row's image conditioning (SDXL's time ids of a photo at the resolution)."""
+        m = self.module
+        size = (int(m._images["instance"].shape[-1]),) * 2
+        cond = m.backbone.encode_prompt(m.components, prompts, self.device)
+        return cond | m.backbone.image_conditioning([ImageInfo(size)] * len(prompts), self.device)
+
+    def _denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        m = self.module
+        return m.backbone.denoise(m.components, noisy, timesteps, cond)
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """One micro-batch's backward; its loss is weighted by its share of the step's rows."""
@@ -141,23 +151,27 @@ class FloorStep(_Path):
         shape = (self.accumulation, n, *latent_shape)  # [micro-batch, row, ...]: the rows of one optimizer step
         self.noisy = torch.randn(*shape, generator=g).to(self.device)
         self.target = torch.randn(*shape, generator=g).to(self.device)
-        self.timesteps = torch.randint(0, 1000, shape[:2], generator=g).to(self.device)
+        # timesteps of the objective's own schedule (DDPM: integers in [0, 1000); flow matching: its table)
+        draw = module.objective.draw((shape[0] * shape[1], *latent_shape),
+                                     lambda s: torch.randn(*s, generator=g),
+                                     lambda lo, hi, n: torch.randint(lo, hi, (n,), generator=g))
+        self.timesteps = draw.timesteps.view(shape[:2]).to(self.device)
         # random crops: the step's photos as pixels, VAE-encoded every step (their latents replace the
         # instance rows' fixed ones, so the encode is used, as ours uses it)
         self.crops = None
         if crop_size:
             pixels = torch.rand(self.accumulation * self.batch, 3, crop_size, crop_size, generator=g) * 2 - 1
             self.crops = pixels.to(self.device)
-        prompts = [module.instance_prompt] + ([module.class_prompt] if self.prior else [])
-        self.ids = self._ids(prompts)  # one row per distinct prompt
+        self.prompts = [module.instance_prompt] + ([module.class_prompt] if self.prior else [])
         self.embeds = None
         if not self.text_trains:
             with torch.no_grad(), self.context():
-                self.embeds = self._encode()
+                self.embeds = self._rows()
 
-    def _encode(self) -> torch.Tensor:
-        hidden = self.module.text_encoder(self.ids)[0]
-        return hidden.repeat_interleave(self.batch, dim=0)  # [instance]*B (+ [class]*B): one micro-batch's rows
+    def _rows(self) -> Conditioning:
+        """One micro-batch's conditioning, [instance]*B (+ [class]*B), from one encode per distinct prompt."""
+        cond = self._encode(self.prompts)
+        return Conditioning({k: v.repeat_interleave(self.batch, dim=0) for k, v in cond.items()})
 
     def _noisy(self) -> torch.Tensor:
         """The step's noised inputs [micro-batch, row, ...]; with random crops the instance rows come from
@@ -166,22 +180,22 @@ class FloorStep(_Path):
             return self.noisy
         m = self.module
         with torch.no_grad():
-            latents = m.vae.encode(self.crops.to(m.vae.dtype)).latent_dist.mean.float() * m.vae.config.scaling_factor
+            dist = m.vae.encode(self.crops.to(m.vae.dtype)).latent_dist
+            latents, _ = m.backbone.latent_distribution(m.vae, dist.mean.float(), dist.std.float())
         rows = self.target[:, :self.batch].flatten(0, 1)  # the instance rows' noise, one row per photo
-        instance = m.noise_scheduler.add_noise(latents, rows, self.timesteps[:, :self.batch].flatten())
+        instance = m.objective.noisy(latents, Draw(rows, self.timesteps[:, :self.batch].flatten()))
         instance = instance.view(self.accumulation, self.batch, *instance.shape[1:])
         return torch.cat([instance, self.noisy[:, self.batch:]], dim=1)
 
     def __call__(self) -> None:
-        unet = self.module.unet
         self.optimizer.zero_grad(set_to_none=True)
         with self.context():
             noisy = self._noisy()
             # one text-encoder forward per step, its graph kept for every micro-batch's backward (as ours)
-            embeds = self._encode() if self.text_trains else self.embeds
+            embeds = self._rows() if self.text_trains else self.embeds
             for i in range(self.accumulation):
-                pred = unet(noisy[i].to(unet.dtype), self.timesteps[i], embeds.to(unet.dtype)).sample
-                loss = F.mse_loss(pred.float(), self.target[i])
+                pred = self._denoise(noisy[i], self.timesteps[i], embeds)
+                loss = F.mse_loss(pred, self.target[i])
                 last = i == self.accumulation - 1
                 self._backward(loss, retain_graph=self.text_trains and not last)
         self._step()
@@ -206,22 +220,22 @@ class NaiveStep(_Path):
         if self.prior:
             pixels = torch.cat([pixels, self.class_pixels[self.rng.integers(len(self.class_pixels), size=b)]])
             prompts += [m.class_prompt] * b
-        ids = self._ids(prompts)
         pixels = pixels.to(self.device, m.vae.dtype)
 
         with self.context():
             with torch.no_grad():
-                latents = m.vae.encode(pixels).latent_dist.sample() * m.vae.config.scaling_factor
+                dist = m.vae.encode(pixels).latent_dist
+                mean, std = m.backbone.latent_distribution(m.vae, dist.mean.float(), dist.std.float())
+                latents = mean + std * torch.randn_like(mean)  # latent_dist.sample(), shifted and scaled
             with contextlib.nullcontext() if self.text_trains else torch.no_grad():
-                embeds = m.text_encoder(ids)[0]
-            latents = latents.float()
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
-            noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = m.unet(noisy.to(m.unet.dtype), timesteps, embeds.to(m.unet.dtype)).sample.float()
-            loss = F.mse_loss(pred[:b], noise[:b])
+                embeds = self._encode(prompts)  # every example's prompt, tokenized and encoded
+            draw = m.objective.draw(tuple(latents.shape), lambda s: torch.randn(*s, device=self.device),
+                                    lambda lo, hi, n: torch.randint(lo, hi, (n,), device=self.device))
+            pred = self._denoise(m.objective.noisy(latents, draw), draw.timesteps, embeds)
+            target = m.objective.target(latents, draw)
+            loss = F.mse_loss(pred[:b], target[:b])
             if self.prior:
-                loss = loss + self.stage.prior_loss_weight * F.mse_loss(pred[b:], noise[b:])
+                loss = loss + self.stage.prior_loss_weight * F.mse_loss(pred[b:], target[b:])
         self._backward(loss)
 
     def __call__(self) -> None:
@@ -409,7 +423,8 @@ def compose_method(method: str, model_dir: Path, resolution: int, hardware: str,
     """
     eval_overrides = ["eval=none"] if evaluation is None else ["eval=default", *evaluation]
     cfg = compose("train", [
-        f"method={method}", "subject=sample_dog", "model=sd21_base", f"model.name=bench-{Path(model_dir).name}",
+        f"method={method}", "subject=sample_dog", f"model={model_config_of(model_dir)}",
+        f"model.name=bench-{Path(model_dir).name}",
         f"model.pretrained={model_dir}", f"model.resolution={resolution}",
         "model.unet_sha256=null",  # random weights of SD 2.1's shapes, not the official file the hash names
         f"hardware={hardware}", "logger=none",
@@ -425,6 +440,16 @@ def compose_method(method: str, model_dir: Path, resolution: int, hardware: str,
     if plan.progress_bar is not None:
         cfg.trainer.progress_bar = plan.progress_bar
     return cfg, configured
+
+
+# The model config of each pipeline class: its family's (model.backbone), with model.pretrained set to the folder
+MODEL_CONFIGS = {"StableDiffusionPipeline": "sd21_base", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux_dev"}
+
+
+def model_config_of(model_dir: Path) -> str:
+    """The conf/model option a benchmark model folder runs under, from its model_index.json's pipeline class."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return MODEL_CONFIGS[index["_class_name"]]
 
 
 class TailClock(L.Callback):
@@ -452,14 +477,16 @@ def instrumented_fit(run, first: L.Callback | None = None, last: L.Callback | No
 def side_paths(cfg, resolution: int, class_images: int):
     """(make_floor, make_naive, the subject's photos) for a run of `cfg`: each maker builds its path on the
     run's module, stage and trainer (what InterleavedTimer calls once a stage's steps are warm)."""
-    latent_shape = (4, resolution // 8, resolution // 8)
+    latent_shape = None  # the VAE's latent channels, read from the run's model when a maker is called
     instance_pixels = load_subject_images(Path(str(cfg.subject.data_dir)), resolution)
     class_pixels = torch.rand(class_images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     max_norm = float(cfg.method.optimizer.get("max_grad_norm") or 0)
     crop_size = resolution if DataSettings.from_cfg(cfg.method).crop == "random" else None
 
     def make_floor(module, stage, trainer) -> FloorStep:
-        return FloorStep(module, stage, trainer, latent_shape, crop_size)
+        factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
+        shape = latent_shape or (module.vae.config.latent_channels, resolution // factor, resolution // factor)
+        return FloorStep(module, stage, trainer, shape, crop_size)
 
     def make_naive(module, stage, trainer) -> NaiveStep:
         return NaiveStep(module, stage, trainer, instance_pixels, class_pixels, max_norm)
