@@ -41,6 +41,22 @@ class Pair:
         return self.info.step
 
 
+def base_image_spec(model_cfg, settings: EvalSettings, prompt: str):
+    """What decides the prior protocol's base-model images: their key in the shared class-image cache.
+
+    The model, its revision and model.vae (another VAE decodes other pixels: SDXL's fp16-fix), as the training
+    class images' spec names them (train.class_image_spec), and the evaluation's own sampling settings."""
+    from personalize.class_images import ClassImageSpec
+    from personalize.models import resolve_pretrained
+
+    return ClassImageSpec(
+        model=resolve_pretrained(model_cfg), revision=model_cfg.get("revision"),
+        prompt=prompt, negative_prompt="", sampler=settings.sampler, steps=settings.steps,
+        guidance_scale=settings.guidance_scale, resolution=int(model_cfg.resolution), seed=settings.seed,
+        vae=str(model_cfg.vae) if model_cfg.get("vae") else None,
+    )
+
+
 def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
@@ -126,17 +142,12 @@ class Evaluator:
 
         Must run before any checkpoint is applied to the pipeline (the caller orders it so).
         """
-        from personalize.class_images import ClassImageSpec, ensure_class_images
-        from personalize.models import resolve_pretrained
+        from personalize.class_images import ensure_class_images
 
         if self.applied is not None:
             raise RuntimeError("base images must be generated before a checkpoint is applied")
         s = self.settings
-        spec = ClassImageSpec(
-            model=resolve_pretrained(self.model_cfg), revision=self.model_cfg.get("revision"),
-            prompt=protocol.prompts[0], negative_prompt="", sampler=s.sampler, steps=s.steps,
-            guidance_scale=s.guidance_scale, resolution=int(self.model_cfg.resolution), seed=s.seed,
-        )
+        spec = base_image_spec(self.model_cfg, s, protocol.prompts[0])
         root = s.base_image_dir or base_images_dir(self.run_dir)
         paths = ensure_class_images(spec, protocol.images_per_prompt, root, self.pipeline,
                                     batch_size=s.batch_size, device=self.device)
