@@ -227,7 +227,8 @@ def _denoise(family: str, model, noisy, timesteps, conditioning):
     return backbone.denoise(components, noisy, timesteps, conditioning)
 
 
-def step_inputs(family: str, resolution: int, batch: int, generator: torch.Generator | None = None) -> tuple:
+def step_inputs(family: str, resolution: int, batch: int, generator: torch.Generator | None = None,
+                config: dict | None = None) -> tuple:
     """(noisy latents, timesteps, conditioning, target) of one step, as the module hands them to the
     denoiser: fp32 latents, cached prompt embeddings in bf16 (the frozen encoders' dtype)."""
     from personalize.backbones.base import Conditioning
@@ -239,30 +240,34 @@ def step_inputs(family: str, resolution: int, batch: int, generator: torch.Gener
     target = torch.randn(batch, channels, side, side, generator=g)
     timesteps = torch.randint(0, 1000, (batch,), generator=g)
     seq, bf16 = SEQUENCE[family], torch.bfloat16
+    config = config or FAMILIES[family]["unet"]
     if family == "sdxl":
+        # the pooled width: what the added embedding takes beside the 6 time ids' sinusoids
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         conditioning = Conditioning(
-            encoder_hidden_states=torch.randn(batch, seq, 2048, generator=g).to(bf16),
-            text_embeds=torch.randn(batch, 1280, generator=g).to(bf16),
+            encoder_hidden_states=torch.randn(batch, seq, config["cross_attention_dim"], generator=g).to(bf16),
+            text_embeds=torch.randn(batch, pooled, generator=g).to(bf16),
             time_ids=torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=torch.float32))
     else:
         conditioning = Conditioning(
-            encoder_hidden_states=torch.randn(batch, seq, 4096, generator=g).to(bf16),
-            pooled_projections=torch.randn(batch, 768, generator=g).to(bf16),
+            encoder_hidden_states=torch.randn(batch, seq, config["joint_attention_dim"], generator=g).to(bf16),
+            pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g).to(bf16),
             txt_ids=torch.zeros(batch, seq, 3, dtype=bf16))
     return noisy, timesteps, conditioning, target
 
 
 def trace_lora_step(family: str, resolution: int = 1024, batch: int = 1, rank: int = 4, depth: int | None = None,
-                    fake: bool = True, checkpointing: bool = True) -> StepTrace:
+                    fake: bool = True, checkpointing: bool = True, unet_config: dict | None = None) -> StepTrace:
     """MemTracker's account of one LoRA step of the low-memory preset: frozen weights in bf16, fp32 adapters,
     bf16 autocast, gradient checkpointing; prompt embeddings cached (the text encoders are not in it).
 
     `fake`: on FakeTensorMode tensors (no data: seconds at any size); else real tensors, computed here.
-    The model's weights are built inside the trace, so they are counted; the inputs are made outside it."""
+    The model's weights are counted from the start; the inputs are made outside the trace. `unet_config`:
+    another denoiser config of the family's class (the tests' small one)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    config = FAMILIES[family]["unet"] if depth is None else reduced_config(family, depth)
-    inputs = step_inputs(family, resolution, batch)
+    config = unet_config or (FAMILIES[family]["unet"] if depth is None else reduced_config(family, depth))
+    inputs = step_inputs(family, resolution, batch, config=config)
     with torch.random.fork_rng(devices=[]), (torch.device("meta") if fake else contextlib.nullcontext()):
         torch.manual_seed(0)
         with default_dtype(torch.bfloat16):

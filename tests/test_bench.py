@@ -407,3 +407,109 @@ def test_the_harness_is_found_from_the_repo_root_and_is_not_installed(tmp_path):
     elsewhere = subprocess.run([sys.executable, *probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert at_root.stdout.strip() == str(PROJECT_ROOT / "benchmarks" / "__init__.py"), at_root.stderr
     assert elsewhere.stdout.strip() == "None", elsewhere.stderr
+
+
+# ------------------------------------------------------------------ SDXL and FLUX.1 at their real shapes
+from benchmarks import big_shapes  # noqa: E402
+from benchmarks import gpu_backbones  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_real_shapes_have_the_published_parameter_counts(family):
+    """Built on the meta device from the configs written in big_shapes, each component has exactly the
+    parameters of the published checkpoint (SDXL UNet 2,567,463,684; FLUX.1-dev transformer 11,901,408,320;
+    T5-XXL encoder 4,762,310,656)."""
+    assert big_shapes.parameter_counts(family) == big_shapes.PUBLISHED[family]
+    assert big_shapes.PUBLISHED["sdxl"]["unet"] == 2_567_463_684
+    assert big_shapes.PUBLISHED["flux"]["unet"] == 11_901_408_320
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_lora_shapes_are_rank_times_in_plus_out_of_every_targeted_linear(family):
+    """Counted independently of PEFT: every Linear whose name is a default target or ends with '.target'."""
+    rank = 4
+    targets = big_shapes.default_lora_targets(family)
+    with torch.device("meta"):
+        model = big_shapes.build(family, "unet")
+    expected = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+    shapes = big_shapes.lora_shapes(family, rank)
+    assert sum(np.prod(s) for s in shapes) == expected > 0
+    assert all(rank in s for s in shapes)
+
+
+def test_adam_state_bytes_are_what_bitsandbytes_allocates():
+    bnb = pytest.importorskip("bitsandbytes")  # the optional dependency of hardware=low_memory
+    for shape in [(4, 320), (4, 1280), (3072, 4), (1000, 7), (5000,)]:
+        param = torch.nn.Parameter(torch.randn(*shape))
+        param.grad = torch.randn(*shape)
+        optimizer = bnb.optim.AdamW8bit([param])
+        optimizer.step()
+        allocated = sum(v.untyped_storage().nbytes() for v in optimizer.state[param].values() if torch.is_tensor(v))
+        assert big_shapes.adam_state_bytes(param.numel(), "adamw8bit") == allocated, shape
+    optimizer = torch.optim.AdamW([param := torch.nn.Parameter(torch.randn(300, 7))])
+    param.grad = torch.randn(300, 7)
+    optimizer.step()
+    allocated = sum(v.untyped_storage().nbytes() for v in optimizer.state[param].values() if torch.is_tensor(v))
+    assert big_shapes.adam_state_bytes(param.numel(), "adamw") == allocated
+
+
+def test_live_bytes_counts_storages_from_allocation_to_release():
+    with big_shapes.LiveBytes() as live:
+        a = torch.ones(1000, 1000)  # 4,000,000 bytes
+        b = a * 2  # + 4,000,000
+        view = b[:10]  # a view: nothing new
+        del a  # released
+        c = b + 1  # 8,000,000 alive again, never 12,000,000
+    assert live.peak == 8_000_000 and live.now == 8_000_000
+    del b, c, view
+    assert live.now == 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_fake_traced_step_allocates_what_the_real_step_does(family):
+    """The estimate traces the full shapes on fake tensors; the same LoRA step (bf16 autocast, checkpointing)
+    on real tensors, computed here on a small model of the same class, peaks at the same bytes."""
+    config = gpu_backbones.tiny_configs(family)["unet"]
+    fake = big_shapes.trace_lora_step(family, 64, 2, fake=True, unet_config=config)
+    real = big_shapes.trace_lora_step(family, 64, 2, fake=False, unet_config=config)
+    assert fake.parameter_bytes == real.parameter_bytes and fake.gradient_bytes == real.gradient_bytes
+    # within a few small tensors' bytes (kernel scratch such as attention's log-sum-exp rows, which a real
+    # CPU kernel allocates and a fake one may size differently): 16 KB of 1.5 GB at the reduced real shapes
+    assert abs(fake.peak_bytes - real.peak_bytes) <= 64 * 1024
+    assert real.gradient_bytes == 4 * real.lora_parameters  # the adapters' fp32 gradients, nothing else's
+
+
+def test_the_estimate_is_the_sum_of_its_parts():
+    trace = big_shapes.StepTrace(family="flux", resolution=1024, batch=2, depth=None, fake=True, peak_bytes=0,
+                                 parameter_bytes=23_000_000_000, gradient_bytes=40_000_000,
+                                 activation_bytes=5_000_000_000, lora_parameters=10)
+    est = big_shapes.estimate_lora("flux", trace, rank=4)
+    counts = big_shapes.PUBLISHED["flux"]
+    state = sum(big_shapes.adam_state_bytes(int(np.prod(s)), "adamw8bit") for s in big_shapes.lora_shapes("flux", 4))
+    without = 23_000_000_000 + 40_000_000 + 5_000_000_000 + state + 2 * counts["vae"]
+    assert est["total_without_text_encoders_bytes"] == without
+    assert est["text_encoders"] == {"text_encoder": 2 * 123_060_480, "text_encoder_2": 2 * 4_762_310_656}
+    assert est["total_bytes"] == without + 2 * (123_060_480 + 4_762_310_656)
+    assert est["text_encoders"]["text_encoder_2"] / 1e9 == pytest.approx(9.52, abs=0.01)  # "T5-XXL: ~9 GB in bf16"
+    assert est["target_gb"] == 40.0
+
+
+def test_the_benchmark_measures_the_tiny_flux_rows(tmp_path):
+    result = main(["--quick", "--backbone", "flux", "--methods", "lora", "--out", str(tmp_path)])
+    rows = {row["id"]: row for row in result["rows"]}
+    assert result["meta"]["shape"] == "tiny_flux" and result["training"]["lora"]["stages"]["lora"]["floor"]
+    for id_ in ("step_vs_floor/lora", "naive_vs_ours/lora", "peak_memory/lora"):
+        assert rows[id_]["value"] is not None and rows[id_]["status"] != "error", rows[id_]["why"]
+    assert parse_args(["--backbone", "sdxl"]).methods == ["lora", "dreambooth", "finetune"]
+
+
+def test_the_gpu_script_runs_its_cpu_path(tmp_path):
+    """The prepared GPU script (benchmarks/gpu_backbones.py) on small models of the same classes: the real
+    module trains LoRA with the low-memory switches, and the text encoders leave after the first step."""
+    out = tmp_path / "gpu.json"
+    results = gpu_backbones.main(["--tiny", "--families", "flux", "--warmup", "0", "--steps", "2", "--out", str(out)])
+    r = results["flux"]
+    assert json.loads(out.read_text())["flux"]["lora_parameters"] == r["lora_parameters"] > 0
+    assert r["gradient_checkpointing"] is True and r["optimizer"] in ("AdamW8bit", "AdamW") and r["loss_finite"]
+    assert r["precision"] == "bf16-mixed" and len(r["step_s"]) == 1
