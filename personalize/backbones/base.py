@@ -158,6 +158,34 @@ class Backbone:
         """The denoiser's prediction for noised latents, in float32."""
         raise NotImplementedError
 
+    # -- editing (personalize.edit). Prompt-to-prompt and null-text inversion run a DDIM loop of their own on the
+    #    stock pipeline's UNet (a joint [source, target] batch, per-step unconditional rows): they need, row by
+    #    row, the conditioning that the pipeline's __call__ would build. Families with `supports_editing` implement
+    #    these.
+    def edit_tokenizers(self, pipe) -> list[Any]:
+        """The pipeline's tokenizers whose token sequences make up the cross-attention keys. Prompt-to-prompt maps
+        the first one's token positions; every other one must tokenize a prompt to the same positions."""
+        raise NotImplementedError
+
+    def edit_conditioning(self, pipe, prompts: list[str], height: int, width: int) -> Conditioning:
+        """One row per prompt, as the stock pipeline conditions a `height` x `width` sample on it (its own prompt
+        encoding, so textual-inversion tokens and LoRA text encoders apply)."""
+        raise NotImplementedError
+
+    def edit_unconditional(self, pipe, height: int, width: int) -> Conditioning:
+        """One row: classifier-free guidance's unconditional conditioning of a `height` x `width` sample, as the
+        stock pipeline builds it when no negative prompt is given."""
+        raise NotImplementedError
+
+    def null_text_keys(self) -> tuple[str, ...]:
+        """The tensors of the unconditional conditioning that null-text inversion optimises: the text's (the
+        per-token embeddings); what describes the image (a size) stays as the sample has it."""
+        return ("encoder_hidden_states",)
+
+    def denoiser_kwargs(self, conditioning: Conditioning) -> dict[str, Any]:
+        """The keyword arguments of the pipeline's denoiser call for a Conditioning (latents and timestep aside)."""
+        raise NotImplementedError
+
 
 def methods_training_only(trainables: set[str]) -> list[str]:
     """The methods of conf/method whose every stage trains only `trainables`, as their files define them."""
