@@ -15,8 +15,10 @@ from personalize.edit import (
     refine_mapping, replace_mapping, save_attention_maps, save_side_by_side,
 )
 from personalize.edit.attention import ControlledAttnProcessor, spatial_size
+from personalize.backbones.sd import StableDiffusion
 from personalize.edit.inversion import (
-    ddim_invert, ddim_sample, encode_image, encode_text, make_scheduler, null_text_inversion,
+    Denoiser, ddim_invert, ddim_sample, encode_image, encode_text, make_scheduler, null_text_inversion,
+    pipeline_backbone,
 )
 from personalize.tiny import ensure_tiny_sd
 
@@ -114,6 +116,22 @@ def test_identical_prompts_full_injection_reproduce_source(pipe, mode, guidance)
     assert result.attention.cur_step == STEPS and result.attention.sums  # the controller really ran
 
 
+def test_an_edit_without_injection_is_the_stock_pipelines_ddim_sample(pipe):
+    """Both rows of a prompt edited into itself with mode=none are StableDiffusionPipeline's DDIM sample from the
+    same seed (its prompt encoding and "" unconditional row through Backbone.edit_conditioning/edit_unconditional);
+    the stock batch has 2 rows, ours 4: a tolerance. Its DDIM does not clip x0, as ours never does."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    result = edit_image(pipe, SRC, SRC, seed=6, mode="none", num_inference_steps=4, height=64, width=96)
+    stock = StableDiffusionPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False)})
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(SRC, num_inference_steps=4, height=64, width=96, generator=torch.Generator().manual_seed(6),
+                     output_type="latent").images[0]
+    for row in result.latents:
+        torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_reweight_one_and_self_replace_are_identity(pipe):
     one = edit_image(pipe, SRC, SRC, seed=2, num_inference_steps=STEPS, reweight={"dog": 1.0})
     assert _max_diff(one.latents[0], one.latents[1]) <= 1e-6
@@ -202,9 +220,10 @@ def test_ddim_inversion_is_exact_for_an_exact_score():
             return SimpleNamespace(sample=(1 - a).sqrt() * x / (a * sigma ** 2 + 1 - a))
 
         unet.dtype = torch.float32
+        denoiser = Denoiser(unet, StableDiffusion(None))
         z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
-        trajectory = ddim_invert(unet, scheduler, z0, torch.zeros(1, 1, 1))
-        back = ddim_sample(unet, scheduler, trajectory[0], torch.zeros(1, 1, 1), None, 1.0)
+        trajectory = ddim_invert(denoiser, scheduler, z0, torch.zeros(1, 1, 1))
+        back = ddim_sample(denoiser, scheduler, trajectory[0], torch.zeros(1, 1, 1), None, 1.0)
         errors.append((back - z0).pow(2).mean().item())
     assert errors[1] < errors[0] < 0.02 and errors[1] < 1e-3
 
@@ -213,9 +232,10 @@ def test_null_text_beats_ddim_inversion_under_guidance(pipe):
     scheduler = make_scheduler(pipe.scheduler.config, STEPS)
     z0 = encode_image(pipe, _photo(), 64, 64)
     cond, uncond = encode_text(pipe, ["a photo of a dog"]), encode_text(pipe, [""])
-    inversion = null_text_inversion(pipe.unet, scheduler, z0, cond, uncond, guidance_scale=7.5)
-    ddim = ddim_sample(pipe.unet, scheduler, inversion.latent, cond, uncond, 7.5)
-    null = ddim_sample(pipe.unet, scheduler, inversion.latent, cond, inversion.uncond, 7.5)
+    denoiser = Denoiser(pipe.unet, pipeline_backbone(pipe))
+    inversion = null_text_inversion(denoiser, scheduler, z0, cond, uncond, guidance_scale=7.5)
+    ddim = ddim_sample(denoiser, scheduler, inversion.latent, cond, uncond, 7.5)
+    null = ddim_sample(denoiser, scheduler, inversion.latent, cond, inversion.uncond, 7.5)
     ddim_error = (ddim - z0).pow(2).mean().item()
     null_error = (null - z0).pow(2).mean().item()
     print(f"latent MSE at guidance 7.5: DDIM inversion {ddim_error:.4f}, null-text {null_error:.4f}")

@@ -110,3 +110,19 @@ class StableDiffusion(Backbone):
         unet = components.unet
         return unet(noisy.to(unet.dtype), timesteps, conditioning["encoder_hidden_states"].to(unet.dtype)).sample.float()
 
+
+    # -- editing: the conditioning StableDiffusionPipeline.__call__ builds (no size conditioning: SD sees pixels only)
+    def edit_tokenizers(self, pipe) -> list:
+        return [pipe.tokenizer]
+
+    @torch.no_grad()
+    def edit_conditioning(self, pipe, prompts, height, width) -> Conditioning:
+        embeds, _ = pipe.encode_prompt(list(prompts), pipe.device, 1, False)
+        return Conditioning(encoder_hidden_states=embeds)
+
+    def edit_unconditional(self, pipe, height, width) -> Conditioning:
+        """The empty prompt's embedding: what the stock pipeline guides with when negative_prompt is None."""
+        return self.edit_conditioning(pipe, [""], height, width)
+
+    def denoiser_kwargs(self, conditioning) -> dict:
+        return {"encoder_hidden_states": conditioning["encoder_hidden_states"]}

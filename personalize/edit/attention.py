@@ -11,7 +11,13 @@ guidance batch, laid out as one row per prompt: `[source, target_1, ...]`.
 - `LocalBlend` keeps the target latent equal to the source latent outside the edited words' region.
 
 Token positions always come from `prompt_tokens`, which tokenizes word by word, so a word that the
-tokenizer splits into several BPE pieces ("zebra" -> z e b r a) is one unit in every mapping.
+tokenizer splits into several BPE pieces ("zebra" -> z e b r a) is one unit in every mapping. Where the keys
+are built from several tokenizers' sequences (SDXL concatenates its two CLIP encoders' hidden states position
+by position), `shared_prompt_tokens` checks that they all place every word at the same positions.
+
+Nothing here depends on the UNet's layout: every attention layer there is gets a processor (SDXL's transformer
+blocks stack several per block, some of its down blocks have none), and a map's size is found from its query
+count and the latent size.
 """
 
 from __future__ import annotations
@@ -82,6 +88,29 @@ def prompt_tokens(tokenizer, prompt: str, convert: Callable[[str], str] | None =
         spans.append(tuple(p for p in range(pos, pos + len(word_ids)) if p < max_length - 1))
         pos += len(word_ids)
     return PromptTokens(prompt, words, ids, tuple(spans), min(pos + 1, max_length), max_length)
+
+
+def shared_prompt_tokens(tokenizers: Sequence[tuple[object, Callable[[str], str] | None]],
+                         prompt: str) -> PromptTokens:
+    """`prompt_tokens` of the first (tokenizer, convert) pair, checked against every other pair.
+
+    Cross-attention key i is made of every encoder's hidden state at position i, so one mapping serves them
+    all only if each tokenizer puts each word at the same positions and ends at the same length. SDXL's two
+    CLIP tokenizers share a vocabulary and do (they differ in the padding token, which the tail mapping covers
+    by position); a token added to one of them only (a textual-inversion token loaded into one encoder)
+    would split differently and the maps would point at other words, so that is an error.
+    """
+    (first_tokenizer, first_convert), *others = tokenizers
+    tokens = prompt_tokens(first_tokenizer, prompt, first_convert)
+    for index, (tokenizer, convert) in enumerate(others, start=2):
+        other = prompt_tokens(tokenizer, prompt, convert)
+        if (other.spans, other.length, other.max_length) != (tokens.spans, tokens.length, tokens.max_length):
+            differ = [w for w, a, b in zip(tokens.words, tokens.spans, other.spans) if a != b] or list(tokens.words)
+            raise ValueError(f"the model's tokenizers split {prompt!r} differently (tokenizer 1 and {index} disagree "
+                             f"from the word {differ[0]!r} on): prompt-to-prompt needs every word at the same "
+                             "token positions in all of them; load a textual-inversion token into every text "
+                             "encoder, or edit without that word")
+    return tokens
 
 
 def _tail_pairs(src: PromptTokens, tgt: PromptTokens) -> Iterator[tuple[int, int]]:

@@ -7,6 +7,10 @@
 A photo is inverted with null-text inversion under the source prompt, then source and target are
 sampled jointly from the inverted noise, the source branch's attention injected into the target's.
 Settings are one flat dataclass (`EditSettings`) so a Hydra config group can fill it field for field.
+
+One code path for every backbone with `supports_editing` (SD 1.x/2.x, SDXL): the pipeline's Backbone
+supplies its conditioning (SDXL: the pooled embeddings and the time ids of the sampling size, for the
+source, the target and the unconditional rows alike), its UNet call and its tokenizers.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from personalize.backbones import Backbone
 from personalize.edit.attention import (
     AttentionStore, EditController, LocalBlend, PromptTokens, Refine, Replace, Reweight, Window,
-    prompt_tokens, word_weights,
+    prompt_tokens, shared_prompt_tokens, word_weights,
 )
 from personalize.edit.inversion import (
-    NullTextInversion, convert_prompt, ddim_sample, decode_latents, encode_image, encode_text, make_scheduler,
-    null_text_inversion, preprocess,
+    Denoiser, NullTextInversion, ddim_sample, decode_latents, encode_image, encode_text, make_scheduler,
+    native_size, null_text_inversion, pipeline_backbone, pipeline_tokenizers, preprocess, unconditional,
 )
 
 MODES = ("auto", "replace", "refine", "none")
@@ -72,11 +77,21 @@ class EditResult:
     settings: EditSettings = field(default_factory=EditSettings)
 
 
+def _tokens(tokenizer, prompt: str, convert: Callable[[str], str] | None) -> PromptTokens:
+    if isinstance(tokenizer, (list, tuple)):
+        return shared_prompt_tokens(tokenizer, prompt)
+    return prompt_tokens(tokenizer, prompt, convert)
+
+
 def build_controller(tokenizer, source_prompt: str, target_prompt: str, settings: EditSettings,
                      convert: Callable[[str], str] | None = None) -> EditController:
-    """The prompt-to-prompt controller that `settings` describe, for a [source, target] batch."""
-    src = prompt_tokens(tokenizer, source_prompt, convert)
-    tgt = prompt_tokens(tokenizer, target_prompt, convert)
+    """The prompt-to-prompt controller that `settings` describe, for a [source, target] batch.
+
+    `tokenizer` is one tokenizer (with `convert`), or the (tokenizer, convert) pairs of every tokenizer whose
+    sequences make up the attention keys (`pipeline_tokenizers(pipe)`: both of SDXL's), checked to agree.
+    """
+    src = _tokens(tokenizer, source_prompt, convert)
+    tgt = _tokens(tokenizer, target_prompt, convert)
     blend = None
     if settings.blend_words:
         blend = LocalBlend.from_words([src, tgt], list(settings.blend_words), settings.blend_threshold,
@@ -98,28 +113,39 @@ def build_controller(tokenizer, source_prompt: str, target_prompt: str, settings
 
 
 def _resolution(pipe, settings: EditSettings) -> tuple[int, int]:
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    height, width = settings.height or native, settings.width or native
+    native_h, native_w = native_size(pipe)
+    height, width = settings.height or native_h, settings.width or native_w
     factor = int(pipe.vae_scale_factor)
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
     return height, width
 
 
+def editing_backbone(pipe, backbone: Backbone | None = None) -> Backbone:
+    """`backbone`, else the pipeline's; one that cannot be edited (FLUX.1: docs/editing.md) is a ValueError."""
+    backbone = backbone or pipeline_backbone(pipe)
+    if not backbone.supports_editing:
+        raise ValueError(f"prompt-to-prompt editing does not support the {backbone.name} backbone "
+                         f"({type(pipe).__name__}): docs/editing.md says why")
+    return backbone
+
+
 def invert_image(pipe, image: Image.Image, prompt: str, settings: EditSettings | None = None,
-                 **overrides: Any) -> NullTextInversion:
+                 backbone: Backbone | None = None, **overrides: Any) -> NullTextInversion:
     """Null-text inversion of a photo under `prompt` (`.image` holds the photo as it was encoded).
 
     Do this once and pass the result to `edit_image(inversion=...)` to try several target prompts.
     """
     settings = dataclasses.replace(settings or EditSettings(), **overrides)
+    backbone = editing_backbone(pipe, backbone)
     height, width = _resolution(pipe, settings)
     scheduler = make_scheduler(pipe.scheduler.config, settings.num_inference_steps)
     z0 = encode_image(pipe, image, height, width)
-    cond, uncond = encode_text(pipe, [prompt]), encode_text(pipe, [""])
+    cond = encode_text(pipe, [prompt], height, width, backbone)
+    uncond = unconditional(pipe, height, width, backbone)
     inversion = null_text_inversion(
-        pipe.unet, scheduler, z0, cond, uncond, settings.guidance_scale, settings.null_text_inner_steps,
-        settings.null_text_lr, settings.null_text_early_stop,
+        Denoiser(pipe.unet, backbone), scheduler, z0, cond, uncond, settings.guidance_scale,
+        settings.null_text_inner_steps, settings.null_text_lr, settings.null_text_early_stop,
     )
     inversion.prompt = prompt
     shown = preprocess(image, height, width)[0].permute(1, 2, 0)
@@ -129,35 +155,40 @@ def invert_image(pipe, image: Image.Image, prompt: str, settings: EditSettings |
 
 def edit_image(pipe, source_prompt: str, target_prompt: str, image: Image.Image | None = None, seed: int = 0,
                settings: EditSettings | None = None,
-               inversion: NullTextInversion | None = None,
+               inversion: NullTextInversion | None = None, backbone: Backbone | None = None,
                **overrides: Any) -> EditResult:
     """Edit a real photo (`image`, or a precomputed `inversion` from `invert_image`) or, with neither,
     an image generated from `seed`, from `source_prompt` to `target_prompt`.
 
     Any `EditSettings` field may be given as a keyword (`num_inference_steps=20, blend_words=["dog"]`).
-    Works with any StableDiffusionPipeline, including one with textual-inversion tokens loaded.
+    Works with any StableDiffusionPipeline or StableDiffusionXLPipeline, including one with textual-inversion
+    tokens loaded; `backbone` defaults to the pipeline's. With `mode="none"` and equal prompts both rows are
+    the stock pipeline's DDIM sample from the same noise (its default size conditioning and unconditional row).
     """
     settings = dataclasses.replace(settings or EditSettings(), **overrides)
+    backbone = editing_backbone(pipe, backbone)
     if image is not None and inversion is None:
-        inversion = invert_image(pipe, image, source_prompt, settings)
+        inversion = invert_image(pipe, image, source_prompt, settings, backbone)
     scheduler = make_scheduler(pipe.scheduler.config, settings.num_inference_steps)
-    cond = encode_text(pipe, [source_prompt, target_prompt])
+    factor = int(pipe.vae_scale_factor)
     if inversion is not None:
         fitted = (inversion.num_inference_steps, inversion.guidance_scale)
         if fitted != (settings.num_inference_steps, settings.guidance_scale):
             raise ValueError(f"the inversion was fitted for num_inference_steps={fitted[0]}, "
                              f"guidance_scale={fitted[1]}; edit with the same")
+        # the size the photo was inverted at: SDXL's time ids of the prompts must be the unconditional rows'
+        height, width = (side * factor for side in inversion.latent.shape[-2:])
         start, uncond = inversion.latent, inversion.uncond
     else:
         height, width = _resolution(pipe, settings)
-        factor = int(pipe.vae_scale_factor)
         shape = (1, int(pipe.unet.config.in_channels), height // factor, width // factor)
         generator = torch.Generator("cpu").manual_seed(seed)
         start = torch.randn(shape, generator=generator).to(pipe.device) * scheduler.init_noise_sigma
-        uncond = encode_text(pipe, [""])
-    controller = build_controller(pipe.tokenizer, source_prompt, target_prompt, settings, convert_prompt(pipe))
-    latents = ddim_sample(pipe.unet, scheduler, start.expand(2, -1, -1, -1).clone(), cond, uncond,
-                          settings.guidance_scale, controller)
+        uncond = unconditional(pipe, height, width, backbone)
+    cond = encode_text(pipe, [source_prompt, target_prompt], height, width, backbone)
+    controller = build_controller(pipeline_tokenizers(pipe, backbone), source_prompt, target_prompt, settings)
+    latents = ddim_sample(Denoiser(pipe.unet, backbone), scheduler, start.expand(2, -1, -1, -1).clone(), cond,
+                          uncond, settings.guidance_scale, controller)
     reconstruction, edited = decode_latents(pipe, latents)
     return EditResult(
         source=inversion.image if inversion is not None and inversion.image else reconstruction,

@@ -31,7 +31,7 @@ from personalize.artifacts import load_checkpoint_pipeline
 from personalize.backbones import BACKBONES, backbone_for
 from personalize.devices import resolve_device, resolve_dtype
 from personalize.edit.editor import EditSettings, build_controller, edit_image, save_attention_maps, save_side_by_side
-from personalize.edit.inversion import convert_prompt, decode_latents, encode_image
+from personalize.edit.inversion import convert_prompt, decode_latents, encode_image, pipeline_tokenizers
 from personalize.errors import PersonalizeError
 from personalize.io import atomic_save_image, atomic_write_json
 from personalize.rundir import CHECKPOINTS_DIR, CheckpointInfo, load_run_config, read_info, resolve_checkpoint
@@ -182,16 +182,20 @@ def _log_to_wandb(cfg: DictConfig, info: CheckpointInfo, out_dir: Path, record: 
             run.summary[key] = record[key]
 
 
-def check_backbone(ckpt: Path, info: CheckpointInfo) -> None:
-    """Prompt-to-prompt knows the attention layers and conditioning of the backbones that say so
-    (`Backbone.supports_editing`); a checkpoint of another family is one line."""
+def check_backbone(ckpt: Path, info: CheckpointInfo):
+    """The checkpoint's Backbone, if prompt-to-prompt knows its attention layers and conditioning
+    (`Backbone.supports_editing`: SD 1.x/2.x, SDXL); a checkpoint of another family (FLUX.1, whose joint
+    attention has no cross-attention maps: docs/editing.md) is one line."""
     backbone = backbone_for(info.model)
     if not backbone.supports_editing:
-        editable = ", ".join(name for name, cls in BACKBONES.items() if cls.supports_editing)
+        editable = [name for name, cls in BACKBONES.items() if cls.supports_editing]
+        names = " and ".join(editable)
         raise PersonalizeError(
-            f"{ckpt} is a checkpoint of model.backbone={backbone.name}: editing supports the {editable} backbone only "
-            f"(prompt-to-prompt's attention control is built for its attention layers): sample it with "
-            f"`personalize-sample` instead, or edit a run of model.backbone={editable}")
+            f"{ckpt} is a checkpoint of model.backbone={backbone.name}: editing supports the {names} "
+            f"backbone{'s' if len(editable) > 1 else ''} only (prompt-to-prompt's attention control is built for "
+            f"their cross-attention layers): sample it with `personalize-sample` instead, or edit a run of "
+            + " or ".join(f"model.backbone={name}" for name in editable))
+    return backbone
 
 
 def run_edit(cfg: DictConfig) -> Path:
@@ -206,7 +210,7 @@ def run_edit(cfg: DictConfig) -> Path:
         raise PersonalizeError(f"step={step} is not a step number: pass step=<N> or step=last")
     ckpt = resolve_checkpoint(Path(str(cfg.run_dir)), step)
     info = read_info(ckpt)
-    check_backbone(ckpt, info)
+    backbone = check_backbone(ckpt, info)
     values = info.prompt_values()
     source_prompt = fill(cfg.source_prompt, values, "source_prompt")
     target_prompt = fill(cfg.target_prompt, values, "target_prompt")
@@ -222,7 +226,7 @@ def run_edit(cfg: DictConfig) -> Path:
     pipe = load_checkpoint_pipeline(ckpt, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     try:  # word/blend-word checks that need the tokenizer (the identifier is a token only now)
-        controller = build_controller(pipe.tokenizer, source_prompt, target_prompt, settings, convert_prompt(pipe))
+        controller = build_controller(pipeline_tokenizers(pipe, backbone), source_prompt, target_prompt, settings)
     except ValueError as error:
         raise PersonalizeError(f"cannot edit {source_prompt!r} -> {target_prompt!r}: {error}") from None
 
@@ -230,7 +234,8 @@ def run_edit(cfg: DictConfig) -> Path:
         log.info("null-text inversion of %s under %r (%d steps x %d inner steps)", photo_path, source_prompt,
                  settings.num_inference_steps, settings.null_text_inner_steps)
     log.info("editing %r -> %r with %s", source_prompt, target_prompt, controller_name(controller))
-    result = edit_image(pipe, source_prompt, target_prompt, image=photo, seed=int(cfg.seed), settings=settings)
+    result = edit_image(pipe, source_prompt, target_prompt, image=photo, seed=int(cfg.seed), settings=settings,
+                        backbone=backbone)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_side_by_side(result, out_dir / FILES["side_by_side"])
