@@ -429,6 +429,19 @@ def test_smoke_twin_changes_only_sizes(experiment):
 
 
 @pytest.mark.parametrize("experiment", [e for full in METHODS for e in (full, f"{full}_smoke")])
+def test_each_file_is_a_global_override_naming_its_launch_and_report_commands(experiment):
+    from personalize.config import CONF_DIR
+
+    text = (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"personalize -m experiment={experiment}" in header and f"personalize-report experiment={experiment}" in header
+    for method in METHODS[experiment.removesuffix("_smoke")]:  # each per-method file says where its numbers come from
+        recipe = (CONF_DIR / "experiment" / experiment / f"{method}.yaml").read_text()
+        assert recipe.startswith("# @package _global_\n") and recipe.count("\n#") >= 1, method
+
+
+@pytest.mark.parametrize("experiment", [e for full in METHODS for e in (full, f"{full}_smoke")])
 def test_the_sweep_is_methods_times_subjects_and_each_job_passes_the_config_checks(experiment):
     from tests.test_sweep import _cell, job_overrides
     from personalize.schema import check_config
