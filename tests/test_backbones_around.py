@@ -504,6 +504,7 @@ def check_report(sweep: sweeps.Sweep, experiment: str, methods: list[str], subje
     out, folder = report(sweep, experiment, f"table.subjects=[{','.join(subjects)}]",
                          f"table.methods=[{','.join(methods)}]")
     assert "Setup: the DreamBooth protocol" in out and "## Missing (0 cell(s))" in out
+    assert "Each cell: **ours** (no paper values for this table): the mean over" in out  # no paper prints these
     table = pd.read_csv(folder / "table.csv").set_index(["method", "metric"])
     for method in methods:
         records = [read_records(r)[0] for r in sweep.runs if r.name.split("_", 1)[1].rsplit("-", 2)[0] == method]

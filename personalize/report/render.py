@@ -46,7 +46,9 @@ def render_markdown(report: Report) -> str:
     models = sorted({r.base_model for r in report.runs if r.base_model})
     if models:
         out.append(f"Base model: {'; '.join(models)}.")
-    out.append(f"Checkpoint: {spec.describe_selection()}. Each cell: **ours / paper**; ours is the mean over "
+    # a table without a paper's values (dreambench_sdxl/flux: no paper prints them) shows ours alone: say so
+    cells = "**ours / paper**; ours is" if spec.paper else "**ours** (no paper values for this table):"
+    out.append(f"Checkpoint: {spec.describe_selection()}. Each cell: {cells} the mean over "
                f"{len(spec.subjects)} subject(s); `n/N` marks a mean over fewer subjects (see Missing).")
     out.append("")
     header = ["method"] + [c.label for c in spec.columns]
