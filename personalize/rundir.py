@@ -9,6 +9,8 @@ the report and other readers of finished runs start fast on a machine without th
     <run>/checkpoints/step-NNNNNN/             what trained up to step N, in stock diffusers formats:
         checkpoint.json                        a CheckpointInfo: step, stage, subject, base model, prompt
         learned_embeds.safetensors             {token: tensor[dim]}  -> pipe.load_textual_inversion(dir)
+                                               SDXL {clip_l, clip_g} / FLUX {clip_l, t5}: [n, dim] each, the token
+                                               in the metadata -> load_textual_inversion per encoder
         pytorch_lora_weights.safetensors       `unet.`-prefixed diffusers keys -> pipe.load_lora_weights(dir)
         pytorch_custom_diffusion_weights.safetensors   cross-attention k/v -> unet.load_attn_procs(dir, ...)
         unet/, text_encoder/                   save_pretrained -> X.from_pretrained(dir / "unet")

@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
-from transformers import CLIPTokenizer
 
 from personalize.banner import end_lines, hardware_choice, start_lines
 from personalize.class_images import ClassImageSpec, ensure_class_images
@@ -34,7 +33,7 @@ from personalize.methods.recipe import overrides as method_overrides
 from personalize.methods.trainables import check_against_model, component_dtypes
 from personalize.rundir import CONFIG_FILE, list_checkpoints, samples_dir
 from personalize.backbones import backbone_for, load_components, load_pipeline
-from personalize.models import load_pretrained, model_not_available, resolve_pretrained
+from personalize.models import model_not_available, resolve_pretrained
 from personalize.resume import SafetensorsCheckpointIO, find_run, is_launch_rank_zero, latest_resume_state
 from personalize.sample import sample_checkpoint
 from personalize.schema import check_config, check_run_settings, check_values
@@ -125,6 +124,8 @@ def prepare_run(cfg: DictConfig) -> Run:
     everything below it take those settings, not the config.
     """
     check_config(cfg)  # a typo'd key fails here, not silently ignored
+    overrides = method_overrides(cfg.method)  # what the run changed of its method file, before the family fills it in
+    backbone_for(cfg.model).fill_method_defaults(cfg.method)
     check_values(cfg)  # every value in its declared range, every prompt template fillable (schema.RULES)
     subject = Subject.from_cfg(cfg.subject)
     method = MethodSettings.from_cfg(cfg.method)  # the stages' checks (parse_stages) run here
@@ -168,7 +169,7 @@ def prepare_run(cfg: DictConfig) -> Run:
     # what checkpoint.json says of the run; `overrides` compares the method's config with its file's
     info = dict(method=method.name, subject=subject.name, class_noun=subject.class_noun, kind=subject.kind,
                 phrase=prompts["phrase"], seed=int(cfg.seed), model=model_info,
-                overrides=method_overrides(cfg.method))
+                overrides=overrides)
     module = Personalizer(components, method, prompts, images, class_images, hardware=hardware, checkpoint_info=info,
                           seed=int(cfg.seed), uncropped_images=photos.uncropped, instance_sizes=photos.sizes,
                           backbone=backbone_for(cfg.model))
@@ -178,9 +179,12 @@ def prepare_run(cfg: DictConfig) -> Run:
 def check_model(cfg: DictConfig, method: MethodSettings | None = None) -> None:
     """The model must be there and suit the settings (its backbone says what that means); checked on its
     config files (a few bytes, loaded through the same path as the weights: local folder, cache, hub),
-    before anything is written. `method`: the run's parsed settings (parsed from `cfg.method` if not given)."""
-    method = method if method is not None else MethodSettings.from_cfg(cfg.method)
+    before anything is written. `method`: the run's parsed settings (parsed from `cfg.method`, with the family's
+    defaults filled in, if not given)."""
     backbone = backbone_for(cfg.model)
+    if method is None:
+        backbone.fill_method_defaults(cfg.method)
+        method = MethodSettings.from_cfg(cfg.method)
     backbone.check_trainables(method)  # settings alone: a method the family cannot train, before its files
     backbone.check_model(method)
     check_against_model(method, cfg.model)  # e.g. LoRA targets: on weightless copies of the components
@@ -197,13 +201,15 @@ def check_prompts(cfg: DictConfig, prompts: dict, method: MethodSettings) -> Non
         )
     token = method.new_token
     if token is not None:
-        source = resolve_pretrained(cfg.model)
-        tokenizer = load_pretrained(CLIPTokenizer, source, "tokenizer", cfg.model)
-        if len(tokenizer) < 256:  # transformers builds an empty tokenizer when the vocabulary files are missing
-            raise model_not_available(source, cfg.model)
+        tokenizers = backbone_for(cfg.model).load_tokenizers()  # the token goes into every text encoder
+        if any(len(tokenizer) < 256 for tokenizer in tokenizers.values()):
+            # transformers builds an empty tokenizer when the vocabulary files are missing
+            raise model_not_available(resolve_pretrained(cfg.model), cfg.model)
         if token.initializer == str(cfg.subject.init_word):  # textual inversion's ${subject.init_word}
-            check_init_word(Subject.from_cfg(cfg.subject), tokenizer)  # the fix is subject.init_word=, said so
-        check_new_token(tokenizer, identifier, token.initializer, token.num_vectors)
+            check_init_word(Subject.from_cfg(cfg.subject), tokenizers["tokenizer"])  # the fix is subject.init_word=, said so
+        for name, tokenizer in tokenizers.items():
+            check_new_token(tokenizer, identifier, token.initializer, token.num_vectors,
+                            name if len(tokenizers) > 1 else None)
 
 
 def fit(run: Run, callbacks_before: Sequence[L.Callback] = (), callbacks_after: Sequence[L.Callback] = (),

@@ -11,6 +11,16 @@ from personalize.backbones.objectives import Draw
 from personalize.methods.trainables import TRAINABLES
 
 
+def method_settings(cfg):
+    """A composed config's MethodSettings as prepare_run parses them: after the model family fills in what the
+    method leaves to it (method.lora.target_modules: null)."""
+    from personalize.backbones import backbone_for
+    from personalize.methods.settings import MethodSettings
+
+    backbone_for(cfg.model).fill_method_defaults(cfg.method)
+    return MethodSettings.from_cfg(cfg.method)
+
+
 def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
     """Copies of every weight of a Personalizer: one part per component (vae, text_encoder, unet) for its
     own weights, and one per kind of trainable with parameters of its own (token, lora, custom_diffusion)."""
@@ -52,19 +62,34 @@ def changed_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 def stock_pipeline(base_dir: Path, ckpt: Path):
     """Load a checkpoint exactly as a diffusers user would, without any personalize code."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors import safe_open
     from transformers import CLIPTextModel
 
-    if (Path(base_dir) / "tokenizer_2").is_dir():  # an SDXL base model
+    if (Path(base_dir) / "transformer").is_dir():  # a FLUX.1 base model
+        pipe = FluxPipeline.from_pretrained(base_dir)
+    elif (Path(base_dir) / "tokenizer_2").is_dir():  # an SDXL base model
         pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
     if (ckpt / "text_encoder").is_dir():
         pipe.text_encoder = CLIPTextModel.from_pretrained(ckpt / "text_encoder")
-    if (ckpt / "learned_embeds.safetensors").exists():
-        pipe.load_textual_inversion(ckpt)
+    embeds = ckpt / "learned_embeds.safetensors"
+    if embeds.exists():
+        with safe_open(embeds, "pt") as f:
+            keys, token = list(f.keys()), (f.metadata() or {}).get("token")
+            if token is None:  # SD's {token: vectors}: the loader reads the file itself
+                pipe.load_textual_inversion(ckpt)
+            else:  # SDXL's {clip_l, clip_g} / FLUX's {clip_l, t5}: the documented way, one encoder at a time
+                for key in keys:
+                    second = key != "clip_l"
+                    pipe.load_textual_inversion(f.get_tensor(key), token=token,
+                                                tokenizer=pipe.tokenizer_2 if second else pipe.tokenizer,
+                                                text_encoder=pipe.text_encoder_2 if second else pipe.text_encoder)
     if (ckpt / "unet").is_dir():
         pipe.unet = UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    if (ckpt / "transformer").is_dir():
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(ckpt / "transformer")
     if (ckpt / "pytorch_lora_weights.safetensors").exists():
         pipe.load_lora_weights(ckpt)
     if (ckpt / "pytorch_custom_diffusion_weights.safetensors").exists():
@@ -100,11 +125,40 @@ def unet_output(unet):
 
 
 def script_adamw_step(params: dict, optimizer_cfg, lr: float) -> None:
-    """The diffusers scripts' update after backward: clip the gradients to max_grad_norm, one AdamW step."""
-    torch.nn.utils.clip_grad_norm_(params.values(), float(optimizer_cfg.max_grad_norm))
+    """The diffusers scripts' update after backward: clip the gradients to max_grad_norm (where the method clips:
+    the textual-inversion scripts do not), one AdamW step."""
+    if optimizer_cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params.values(), float(optimizer_cfg.max_grad_norm))
     optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=tuple(optimizer_cfg.betas),
                                   weight_decay=float(optimizer_cfg.weight_decay), eps=float(optimizer_cfg.eps))
     optimizer.step()
+
+
+def record_steps(monkeypatch, trained) -> list[dict]:
+    """Each training step's batch, denoiser inputs (latents, noise, timesteps, conditioning) and loss, and the
+    weights `trained(module)` ({name: parameter}) before, their gradients and the weights after."""
+    from personalize.methods.module import Personalizer
+
+    steps: list[dict] = []
+    predict, training_step = Personalizer._predict, Personalizer.training_step
+
+    def recording_step(self, batch, batch_idx):
+        steps.append({"batch": batch, "before": {n: p.detach().clone() for n, p in trained(self).items()}})
+        loss = training_step(self, batch, batch_idx)
+        steps[-1].update(loss=loss.detach().clone(), grads={n: p.grad.clone() for n, p in trained(self).items()},
+                         after={n: p.detach().clone() for n, p in trained(self).items()})
+        return loss
+
+    def recording_predict(self, latents, draw, conditioning):
+        if torch.is_grad_enabled() and steps and "latents" not in steps[-1]:
+            steps[-1].update(latents=latents.detach().clone(), noise=draw.noise.clone(),
+                             timesteps=draw.timesteps.clone(),
+                             conditioning={k: v.detach().clone() for k, v in conditioning.items()})
+        return predict(self, latents, draw, conditioning)
+
+    monkeypatch.setattr(Personalizer, "training_step", recording_step)
+    monkeypatch.setattr(Personalizer, "_predict", recording_predict)
+    return steps
 
 
 def assert_step_matches(step: dict, loss: torch.Tensor, params: dict) -> None:

@@ -55,8 +55,30 @@ def test_paper_defaults_of_the_methods():
     assert dreambooth.class_images.prompt.format(class_noun="dog") == "a photo of dog"
 
     lora = compose("train", ["method=lora"], output_dir="/unused").method
-    assert (lora.lora.rank, list(lora.lora.target_modules)) == (4, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert (lora.lora.rank, lora.lora.target_modules) == (4, None)  # null: the model family's default
     assert parse_stages(lora.stages)[0].lr == 1e-4
+
+
+# the diffusers scripts' default LoRA targets: train_dreambooth_lora.py / _sdxl.py adapt the attention projections,
+# train_dreambooth_lora_flux.py (no --lora_layers) both attention streams and both feed-forwards
+SCRIPT_LORA_TARGETS = {
+    "tiny": ["to_q", "to_k", "to_v", "to_out.0"], "tiny_sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
+    "tiny_flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                  "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                  "ff_context.net.2"],
+}
+
+
+@pytest.mark.parametrize("model", list(SCRIPT_LORA_TARGETS))
+def test_the_lora_targets_default_to_the_model_familys_and_a_given_list_is_kept(model):
+    from personalize.backbones import backbone_for
+
+    cfg = compose("train", [f"model={model}", "method=lora"], output_dir="/unused")
+    backbone_for(cfg.model).fill_method_defaults(cfg.method)
+    assert sorted(cfg.method.lora.target_modules) == sorted(SCRIPT_LORA_TARGETS[model])
+    given = compose("train", [f"model={model}", "method=lora", "method.lora.target_modules=[to_q]"], output_dir="/unused")
+    backbone_for(given.model).fill_method_defaults(given.method)
+    assert list(given.method.lora.target_modules) == ["to_q"]
 
 
 @pytest.mark.parametrize("subject", DREAMBOOTH_SUBJECTS + SAMPLE_SUBJECTS)

@@ -9,7 +9,7 @@
   (`load_lora_weights`, with its alpha) and samples; every tensor outside the LoRA is bit-identical.
 - The flow-matching objective: each weighting scheme's timestep density and loss weight against the
   formulas of the SD3 paper as diffusers writes them, computed here.
-- What does not apply (token methods, DDPM options on flux, flow-matching options on sd) and the gated
+- What does not apply (Custom Diffusion, a text encoder's weights, DDPM options on flux, flow-matching options on sd) and the gated
   FLUX.1-dev are one line before anything is written.
 """
 
@@ -30,10 +30,9 @@ from PIL import Image
 from personalize.backbones.objectives import Draw, FlowMatchingObjective, LossSettings, NoiseSettings
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
-from personalize.methods.module import Personalizer
 from personalize.train import fit, prepare_run
 from tests.fakehub import FakeHub
-from tests.helpers import assert_step_matches, script_adamw_step
+from tests.helpers import assert_step_matches, record_steps, script_adamw_step
 
 # train_dreambooth_lora_flux.py's default --lora_layers
 SCRIPT_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -63,28 +62,6 @@ def lora_params(module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.unet.named_parameters() if "lora_" in n}
 
 
-def record_steps(monkeypatch) -> list[dict]:
-    """Each training step's denoiser inputs and loss, and the LoRA weights before, gradients and weights after."""
-    steps: list[dict] = []
-    predict, training_step = Personalizer._predict, Personalizer.training_step
-
-    def recording_step(self, batch, batch_idx):
-        steps.append({"before": {n: p.detach().clone() for n, p in lora_params(self).items()}})
-        loss = training_step(self, batch, batch_idx)
-        steps[-1].update(loss=loss.detach().clone(), grads={n: p.grad.clone() for n, p in lora_params(self).items()},
-                         after={n: p.detach().clone() for n, p in lora_params(self).items()})
-        return loss
-
-    def recording_predict(self, latents, draw, conditioning):
-        if torch.is_grad_enabled() and steps and "latents" not in steps[-1]:
-            steps[-1].update(latents=latents.detach().clone(), noise=draw.noise.clone(), timesteps=draw.timesteps.clone())
-        return predict(self, latents, draw, conditioning)
-
-    monkeypatch.setattr(Personalizer, "training_step", recording_step)
-    monkeypatch.setattr(Personalizer, "_predict", recording_predict)
-    return steps
-
-
 # ---------------------------------------------------------------- the reference: train_dreambooth_lora_flux.py
 def script_encode_prompt(clip_tokenizer, clip, t5_tokenizer, t5, prompt: str, max_sequence_length: int = 512):
     """The script's encode_prompt: CLIP's pooler_output over 77 tokens, T5's output[0] over 512, zero text ids."""
@@ -111,10 +88,10 @@ def test_a_lora_step_equals_train_dreambooth_lora_flux(flux_cfg, tiny_flux_dir, 
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    steps = record_steps(monkeypatch)
+    steps = record_steps(monkeypatch, lora_params)
     cfg = flux_cfg("method=lora", "subject=sample_dog", "method.batch_size=2", "method.stages.lora.steps=1",
                    "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=1e-3", "method.lora.alpha=8",
-                   f"method.lora.target_modules=[{','.join(SCRIPT_TARGETS)}]", "eval=none")
+                   "eval=none")  # the default LoRA targets: FLUX's own, the script's default --lora_layers
     run = prepare_run(cfg)
     fit(run, sample=False, evaluate=False)
     (step,) = steps
@@ -224,6 +201,36 @@ def test_lora_trains_checkpoints_and_loads_in_the_stock_flux_pipeline(flux_cfg, 
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0
 
 
+def test_lora_on_the_transformer_and_clip_trains_both_and_loads_in_the_stock_flux_pipeline(flux_cfg, tiny_flux_dir):
+    """The FLUX LoRA script's --train_text_encoder: adapters on CLIP too (T5 stays frozen), in the `text_encoder.`
+    part of the one LoRA file, which stock load_lora_weights applies to the pipeline's CLIP."""
+    from diffusers import FluxPipeline
+
+    run = prepare_run(flux_cfg("method=lora", "subject=sample_dog", "method.batch_size=2", "eval=none",
+                               "method.stages.lora.train=[lora,text_encoder_lora]", "method.stages.lora.steps=2",
+                               "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=2e-2"))
+    module = run.module
+    before = weights(module)
+    fit(run, sample=False, evaluate=False)
+    after = weights(module)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {n.split(".")[0] for n in changed} == {"unet", "text_encoder"} and all("lora_" in n for n in changed)
+
+    (ckpt,) = run.checkpoints()
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    prompt = module.instance_prompt
+    with torch.no_grad():
+        _, base_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device="cpu")
+        pipe.load_lora_weights(ckpt)  # both parts, each with its adapter metadata
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device="cpu")
+        ours = module._encode_prompt(prompt)
+    torch.testing.assert_close(pooled, ours["pooled_projections"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(embeds, ours["encoder_hidden_states"], rtol=0, atol=0)  # T5: untouched
+    assert not torch.allclose(pooled, base_pooled)
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(module.unet.eval()),
+                               rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the flow-matching objective
 def fixed_draws(normals: list[float], uniforms: list[int]):
     """randn/randint stand-ins that return given numbers: the objective's formulas, seen from outside."""
@@ -296,16 +303,17 @@ def test_the_timestep_density_is_diffusers_on_the_same_generator(scheme):
 
 
 # ---------------------------------------------------------------- what does not apply, before anything is written
-@pytest.mark.parametrize("method", ["textual_inversion", "two_stage"])
-def test_a_method_flux_does_not_train_is_one_line_naming_those_that_apply(method, flux_cfg, tmp_path):
-    cfg = flux_cfg("subject=sample_dog", f"method={method}", name="refused")
+@pytest.mark.parametrize("overrides", [["method=custom_diffusion"],
+                                       ["method=dreambooth", "method.stages.unet.train=[unet,text_encoder]"]])
+def test_a_method_flux_does_not_train_is_one_line_naming_those_that_apply(overrides, flux_cfg, tmp_path):
+    cfg = flux_cfg("subject=sample_dog", *overrides, name="refused")
     with pytest.raises(PersonalizeError) as error:
         prepare_run(cfg)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(f"method.stages.{next(iter(cfg.method.stages))}.train=")
     assert "the flux backbone (model.backbone=flux) cannot train" in message
-    assert message.endswith("the methods that apply to it are dreambooth, finetune, lora")
+    assert message.endswith("the methods that apply to it are dreambooth, finetune, lora, pivotal, textual_inversion, two_stage")
     assert not (tmp_path / "refused").exists()
 
 

@@ -36,9 +36,9 @@ from personalize.errors import PersonalizeError
 from personalize.methods.optim import (
     LR_SCHEDULERS, OPTIMIZERS, LrSchedule, build_optimizer, check_optimizers, optimizer_name, scaled_lr,
 )
-from personalize.methods.settings import MethodSettings
 from personalize.methods.stages import Stage, parse_stages
 from personalize.train import fit, prepare_run
+from tests.helpers import method_settings
 
 QUICK = ["subject=sample_dog", "eval=none"]
 LORA = ["method=lora", "method.stages.lora.steps=6", "method.stages.lora.checkpoint_every=3", "method.stages.lora.lr=1e-3"]
@@ -341,7 +341,7 @@ def train(optimizer, params, steps: int = 3) -> None:
         optimizer.step()
 
 
-METHOD = MethodSettings.from_cfg(compose("train", ["method=lora"], output_dir="/unused").method)
+METHOD = method_settings(compose("train", ["method=lora"], output_dir="/unused"))
 CPU = HardwareSettings.from_cfg(compose("train", ["hardware=cpu"], output_dir="/unused").hardware)  # hardware.optimizer=adamw
 LOW_MEMORY_CFG = compose("train", ["hardware=low_memory"], output_dir="/unused").hardware  # hardware.optimizer=adamw8bit
 
@@ -407,10 +407,10 @@ def test_a_missing_optimizer_package_is_one_line_before_the_run_dir(override, pa
 
 
 def test_the_optimizer_settings_reach_every_optimizer():
-    method_cfg = compose("train", ["method=lora", "method.optimizer.betas=[0.8,0.99]", "method.optimizer.eps=1e-6",
-                                   "method.optimizer.weight_decay=0.5", "method.optimizer.prodigy_safeguard_warmup=false"],
-                         output_dir="/unused").method
-    method = MethodSettings.from_cfg(method_cfg)
+    cfg = compose("train", ["method=lora", "method.optimizer.betas=[0.8,0.99]", "method.optimizer.eps=1e-6",
+                            "method.optimizer.weight_decay=0.5", "method.optimizer.prodigy_safeguard_warmup=false"],
+                  output_dir="/unused")
+    method, method_cfg = method_settings(cfg), cfg.method
     for name in OPTIMIZERS:
         stage = Stage(name="lora", train=("lora",), steps=1, lr=1e-3, start=0, optimizer=name)
         optimizer, _ = build_optimizer(stage, {"lora": Params(torch.nn.Parameter(torch.zeros(3)))}, method, CPU)

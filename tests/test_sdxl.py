@@ -10,7 +10,8 @@
 - lora, dreambooth (prior preservation with class images from the SDXL pipeline) and finetune train,
   checkpoint, load in a stock `StableDiffusionXLPipeline` (LoRA with its alpha) and sample; evaluation on
   the DreamBooth protocol runs on a tiny_sdxl run; the CLI runs it.
-- What SDXL does not train here (a new token, a text encoder) and editing are one line before anything is written.
+- What SDXL does not train here (Custom Diffusion, a text encoder's weights) is one line before anything is written;
+  the token methods are tests/test_new_token_backbones.py's.
 """
 
 from __future__ import annotations
@@ -280,8 +281,7 @@ def test_method_trains_checkpoints_and_loads_in_the_stock_sdxl_pipeline(method, 
 
 # ---------------------------------------------------------------- what SDXL refuses, before anything is written
 @pytest.mark.parametrize("overrides", [
-    ["method=textual_inversion"], ["method=two_stage"], ["method=custom_diffusion"],
-    ["method=dreambooth", "method.stages.unet.train=[unet,text_encoder]"],
+    ["method=custom_diffusion"], ["method=dreambooth", "method.stages.unet.train=[unet,text_encoder]"],
 ])
 def test_a_method_sdxl_does_not_train_is_one_line_naming_those_that_apply(overrides, sdxl_cfg, tmp_path):
     cfg = sdxl_cfg("subject=sample_dog", *overrides, name="refused")
@@ -292,12 +292,12 @@ def test_a_method_sdxl_does_not_train_is_one_line_naming_those_that_apply(overri
     stage = next(iter(cfg.method.stages))
     assert message.startswith(f"method.stages.{stage}.train=")
     assert "the sdxl backbone (model.backbone=sdxl) cannot train" in message
-    assert message.endswith("the methods that apply to it are dreambooth, finetune, lora")
+    assert message.endswith("the methods that apply to it are dreambooth, finetune, lora, pivotal, textual_inversion, two_stage")
     assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow  # two subprocess runs (training, then the edit refusal): the in-process tests above cover training
-def test_the_cli_trains_lora_on_tiny_sdxl_and_editing_it_is_one_line(tmp_path):
+def test_the_cli_trains_lora_on_tiny_sdxl_and_edits_it(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PERSONALIZE_OUTPUTS=str(tmp_path / "out"))
     result = subprocess.run(
         [sys.executable, "-m", "personalize.cli", "method=lora", "model=tiny_sdxl", "subject=sample_dog", "debug=default",
@@ -310,9 +310,12 @@ def test_the_cli_trains_lora_on_tiny_sdxl_and_editing_it_is_one_line(tmp_path):
 
     from personalize.edit.runner import run_edit
 
-    cfg = compose("edit", [f"run_dir={run_dir}", "image=null"], output_dir=tmp_path / "edit")
-    with pytest.raises(PersonalizeError) as error:
-        run_edit(cfg)
-    assert "\n" not in str(error.value)
-    assert "is a checkpoint of model.backbone=sdxl: editing supports the sd backbone only" in str(error.value)
-    assert not (run_dir / "edits").exists()
+    # prompt-to-prompt on the SDXL checkpoint (tests/test_edit_sdxl.py checks what it computes)
+    cfg = compose("edit", [f"run_dir={run_dir}", "image=null", "edit=fast", "edit.num_inference_steps=2",
+                           "logger=none"], output_dir=tmp_path / "edit")
+    out = run_edit(cfg)
+    assert out.parent == run_dir / "edits"
+    record = json.loads((out / "edit.json").read_text())
+    assert record["method"] == "lora" and record["step"] == 2 and record["controller"] == "Replace"
+    assert Image.open(out / "edited.png").size == (64, 64)  # the tiny SDXL's native size
+    assert Image.open(out / "side_by_side.png").width == 2 * 256  # a generated source: source | edit

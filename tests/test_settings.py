@@ -28,7 +28,7 @@ from personalize.methods.settings import LoraSettings, MethodSettings, NewTokenS
 from personalize.methods.stages import Stage
 from personalize.methods.trainables import Lora, component_dtypes
 from personalize.train import prepare_run
-from tests.helpers import snapshot
+from tests.helpers import method_settings, snapshot
 
 SAMPLE_DOG = PROJECT_ROOT / "data" / "samples" / "dog"
 STEPS = 4
@@ -68,7 +68,7 @@ def train_steps(module: Personalizer, root) -> None:
 
 def test_a_personalizer_built_without_hydra_trains_what_prepare_run_builds(make_cfg, tiny_model_dir, tmp_path):
     cfg = make_cfg(*OVERRIDES)
-    assert MethodSettings.from_cfg(cfg.method) == METHOD
+    assert method_settings(cfg) == METHOD
     assert HardwareSettings.from_cfg(cfg.hardware) == CPU
     composed = prepare_run(cfg).module
     assert (composed.method, composed.hardware) == (METHOD, CPU)
@@ -135,8 +135,8 @@ def _check_node(settings, node: dict, where: str, skip: tuple[str, ...] = ()) ->
 @pytest.mark.parametrize("name", _shipped("method"))
 def test_method_settings_hold_every_key_of_each_shipped_method(name, tmp_path):
     cfg = compose("train", [f"method={name}", "subject=sample_dog"], output_dir=tmp_path)
+    settings = method_settings(cfg)  # the family's LoRA targets filled in, as prepare_run fills them
     node = OmegaConf.to_container(cfg.method, resolve=True)  # ${subject.init_word} filled, as the run fills it
-    settings = MethodSettings.from_cfg(cfg.method)
     _check_node(settings, node, "method", skip=("stages",))
     # the stages: in config order, each key of each stage at its value, starting where the previous ended
     stages = node["stages"]

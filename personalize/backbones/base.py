@@ -20,6 +20,7 @@ from personalize.backbones.objectives import LossSettings, NoiseSettings
 from personalize.config import CONF_DIR
 from personalize.errors import PersonalizeError
 from personalize.methods.recipe import method_defaults
+from personalize.models import load_pretrained, resolve_pretrained
 
 if TYPE_CHECKING:  # the method's settings import the objectives of this package: types only
     from personalize.methods.settings import MethodSettings
@@ -74,6 +75,10 @@ class Components:
     noise_scheduler: Any  # the training scheduler, configured like the model's own
     extra: dict[str, Any] = field(default_factory=dict)
     folders: dict[str, str] = field(default_factory=dict)
+    # a new token's vectors in a textual-inversion file, one key per text encoder in text_encoders() order, as
+    # the family's stock pipelines are given them (SDXL: clip_l, clip_g; FLUX: clip_l, t5); None: one encoder,
+    # the classic {token: vectors} file of SD 1.x/2.x
+    embedding_keys: ClassVar[tuple[str, ...] | None] = None
 
     def folder(self, name: str) -> str:
         """The stock pipeline's name of component `name`: its folder, and its part of a LoRA file."""
@@ -100,6 +105,7 @@ class Backbone:
     # network's folder -> the stem of its weight files, and the tokenizer folders
     networks: ClassVar[dict[str, str]]
     tokenizers: ClassVar[tuple[str, ...]]
+    tokenizer_2_class: ClassVar[str] = "CLIPTokenizer"  # the transformers class of `tokenizer_2`, where it has one
     folders: ClassVar[dict[str, str]] = {}  # Components name -> the pipeline's, where they differ (Components.folders)
 
     def __init__(self, model_cfg):
@@ -130,9 +136,29 @@ class Backbone:
     def load_components(self, dtypes: dict[str, torch.dtype] | None = None) -> Components:
         raise NotImplementedError
 
+    def load_tokenizers(self) -> dict[str, Any]:
+        """Its tokenizers by folder name (`tokenizers`), in Components.text_encoders() order: a new token is
+        checked against each before the model is loaded. Every family here has CLIP's first; a second one is
+        the CLIPTokenizer of SDXL's OpenCLIP or FLUX's T5 (`tokenizer_2_class`)."""
+        import transformers  # lazily: a config check that adds no token never pays for its import
+
+        source = resolve_pretrained(self.model_cfg)
+        classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": self.tokenizer_2_class}
+        return {name: load_pretrained(getattr(transformers, classes[name]), source, name, self.model_cfg)
+                for name in self.tokenizers}
+
     def load_pipeline(self, dtype: torch.dtype = torch.float32, **components):
         """The stock pipeline of the base model; `components` replace loaded ones (e.g. unet=)."""
         raise NotImplementedError
+
+    def fill_method_defaults(self, method_cfg) -> None:
+        """Write into the method's config what it leaves to the model family, so the run's config.yaml, its
+        settings and its resume checks all hold what trains: `method.lora.target_modules: null` becomes
+        `default_lora_targets` (diffusers' scripts differ per family: FLUX adapts both attention streams and
+        the feed-forwards, SD and SDXL the attention projections)."""
+        lora = method_cfg.get("lora")
+        if lora is not None and lora.get("target_modules") is None:
+            lora.target_modules = list(self.default_lora_targets)
 
     # -- training
     def objective(self, components: Components, noise: NoiseSettings = NoiseSettings(),

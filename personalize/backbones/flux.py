@@ -10,9 +10,12 @@ What differs from Stable Diffusion (sd.py), computed as diffusers' train_dreambo
   README runs); its prediction is unpacked back to the latents' shape;
 - the objective: flow matching on the model's FlowMatchEulerDiscreteScheduler (objectives.py).
 
-This backbone trains the transformer (`unet`: DreamBooth's full fine-tuning, `lora`): methods that add a
-token or train a text encoder are refused at config time (`supported_trainables`), and prompt-to-prompt
-editing is not supported (docs/editing.md says why).
+This backbone trains the transformer (`unet`: DreamBooth's full fine-tuning, `lora`), LoRA on CLIP
+(`text_encoder_lora`, the LoRA script's --train_text_encoder; T5 stays frozen) and a new token in
+both text encoders (`token`: textual inversion, and the two-stage method of Zeng et al. on a flow-matching
+model; saved as diffusers' advanced FLUX script saves embeddings, `clip_l` and `t5`); methods that train a
+text encoder's weights are refused at config time (`supported_trainables`), and prompt-to-prompt editing is
+not supported (docs/editing.md says why).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ PATCH = 2  # latents are packed into PATCH x PATCH patches, one transformer toke
 class FluxComponents(Components):
     """FLUX's parts: `unet` is the FluxTransformer2DModel; `extra` holds T5 (`tokenizer_2`, `text_encoder_2`)."""
 
+    embedding_keys = ("clip_l", "t5")  # a new token's vectors per encoder, as diffusers' advanced FLUX script saves them
+
 
 class Flux(Backbone):
     name = "flux"
@@ -44,10 +49,11 @@ class Flux(Backbone):
                             "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                             "ff_context.net.0.proj", "ff_context.net.2")
     supports_editing = False  # joint attention over text and image tokens: no cross-attention maps to swap
-    supported_trainables = ("unet", "lora")
+    supported_trainables = ("unet", "lora", "token", "text_encoder_lora")  # the LoRA scripts' --train_text_encoder: CLIP
     networks = {"text_encoder": "model", "text_encoder_2": "model", "transformer": "diffusion_pytorch_model",
                 "vae": "diffusion_pytorch_model"}
     tokenizers = ("tokenizer", "tokenizer_2")
+    tokenizer_2_class = "T5TokenizerFast"
     folders = {"unet": "transformer"}  # the pipeline's folder, and the LoRA file's part, of the denoiser
 
     def check_model(self, method=None) -> None:
@@ -80,7 +86,7 @@ class Flux(Backbone):
     def load_components(self, dtypes=None) -> FluxComponents:
         """Both tokenizers and text encoders, VAE, transformer and the flow-match training scheduler; `dtypes`
         maps a component's name to its dtype (text_encoder_2 follows text_encoder; the transformer is `unet`).
-        Nothing here trains T5: it is loaded frozen."""
+        Both encoders load frozen: a new token's rows are the only parameters of theirs that train."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 

@@ -11,8 +11,9 @@ The objective is SD's DDPM objective on the scheduler SDXL ships (read as a DDPM
 and prediction-type checks are SD's. `model.vae` loads another VAE in place of the pipeline's own (the
 fp16-fix VAE: SDXL's own overflows in float16, so it is kept in float32 where the frozen dtype is float16).
 
-This backbone trains the UNet (`unet`, `lora`): methods that add a token or train a text encoder are
-refused at config time (`supported_trainables`), and prompt-to-prompt editing supports SD only.
+This backbone trains the UNet (`unet`, `lora`) and a new token in both text encoders (`token`: textual
+inversion, the two-stage method, pivotal tuning; saved as SDXL embedding files are, `clip_l` and `clip_g`);
+methods that train a text encoder's weights are refused at config time (`supported_trainables`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ log = logging.getLogger(__name__)
 class SDXLComponents(Components):
     """SDXL's parts: `extra` holds the second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`)."""
 
+    embedding_keys = ("clip_l", "clip_g")  # a new token's vectors per encoder: the SDXL embedding files' keys
+
 
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # as train_dreambooth_lora_sdxl.py
-    supports_editing = False  # the prompt-to-prompt controller knows SD's attention layers and conditioning only
-    supported_trainables = ("unet", "lora")
+    supports_editing = True  # prompt-to-prompt and null-text inversion: its conditioning is the edit_* methods below
+    supported_trainables = ("unet", "lora", "token")
     networks = {**StableDiffusion.networks, "text_encoder_2": "model"}  # CLIP ViT-L and OpenCLIP ViT-bigG
     tokenizers = ("tokenizer", "tokenizer_2")
 
@@ -79,8 +82,8 @@ class StableDiffusionXL(StableDiffusion):
 
     def load_components(self, dtypes=None) -> SDXLComponents:
         """Both tokenizers and text encoders, VAE, UNet and the DDPM training scheduler; `dtypes` maps a
-        component's name to its dtype (text_encoder_2 follows text_encoder). Nothing here trains the second
-        text encoder: it is loaded frozen."""
+        component's name to its dtype (text_encoder_2 follows text_encoder). Both encoders load frozen: a new
+        token's rows are the only parameters of theirs that train."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -137,3 +140,42 @@ class StableDiffusionXL(StableDiffusion):
         added = {key: conditioning[key].to(unet.dtype) for key in ("text_embeds", "time_ids")}
         return unet(noisy.to(unet.dtype), timesteps, conditioning["encoder_hidden_states"].to(unet.dtype),
                     added_cond_kwargs=added).sample.float()
+
+    # -- editing: the conditioning StableDiffusionXLPipeline.__call__ builds, row by row
+    def edit_tokenizers(self, pipe) -> list:
+        """Both CLIP tokenizers: each encoder's hidden states of token position i are concatenated into the i-th
+        cross-attention key, so the two must place every word at the same positions (they share a vocabulary)."""
+        return [pipe.tokenizer, pipe.tokenizer_2]
+
+    def edit_time_ids(self, rows: int, height: int, width: int, dtype, device) -> torch.Tensor:
+        """The stock pipeline's default time ids of a height x width sample: original size = target size, no crop."""
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(rows, 1)
+
+    @torch.no_grad()
+    def edit_conditioning(self, pipe, prompts, height, width) -> Conditioning:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts), device=pipe.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return Conditioning(encoder_hidden_states=embeds, text_embeds=pooled,
+                            time_ids=self.edit_time_ids(len(prompts), height, width, embeds.dtype, embeds.device))
+
+    def edit_unconditional(self, pipe, height, width) -> Conditioning:
+        """Zeros for both text tensors where the pipeline's config says `force_zeros_for_empty_prompt` (SDXL base
+        1.0 does), else the empty prompt's encoding; the sample's own time ids either way (the pipeline's
+        negative_original_size/negative_target_size default to the sample's)."""
+        empty = self.edit_conditioning(pipe, [""], height, width)
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            empty = empty | {key: torch.zeros_like(empty[key]) for key in ("encoder_hidden_states", "text_embeds")}
+        return empty
+
+    def null_text_keys(self) -> tuple[str, ...]:
+        """The unconditional prompt's per-token embeddings and its pooled embedding: together they are what the
+        "null text" is on SDXL (the stock pipeline zeroes both). The pooled one enters every ResNet block through
+        the time embedding, a global correction the per-token embeddings can only make through attention: on the
+        tiny SDXL and data/samples/dog, fitting both brings the guided sample closer to the photo's latent than
+        fitting the per-token embeddings alone (tests/test_edit_sdxl.py).
+        The time ids describe the image, not the text: they stay the sample's size."""
+        return ("encoder_hidden_states", "text_embeds")
+
+    def denoiser_kwargs(self, conditioning) -> dict:
+        return {"encoder_hidden_states": conditioning["encoder_hidden_states"],
+                "added_cond_kwargs": {key: conditioning[key] for key in ("text_embeds", "time_ids")}}

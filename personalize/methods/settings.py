@@ -91,13 +91,23 @@ class NewTokenSettings:
                    num_vectors=int(c.get("num_vectors", 1) or 1))
 
 
+def _target_modules(lora: Mapping, where: str):
+    """`method.lora.target_modules`: null in the method files means the model family's default, which
+    `Backbone.fill_method_defaults` writes in before the settings are parsed (train.prepare_run)."""
+    if lora.get("target_modules") is None:
+        raise PersonalizeError(f"{where}.target_modules=null (the model family's default) is not filled in: call "
+                               "backbone_for(cfg.model).fill_method_defaults(cfg.method) first, as train.prepare_run "
+                               "does, or give a list of module names")
+    return lora["target_modules"]
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """`method.lora`: the adapters of the `lora` (UNet) and `text_encoder_lora` trainables."""
 
     rank: int
     alpha: float  # the update is scaled by alpha / rank
-    target_modules: tuple[str, ...]  # UNet modules (PEFT's rule: a whole name or its end after a dot)
+    target_modules: tuple[str, ...]  # denoiser modules (PEFT's rule: a whole name or its end after a dot)
     text_encoder_target_modules: tuple[str, ...]
     dropout: float = 0.0
     use_dora: bool = False
@@ -113,7 +123,7 @@ class LoraSettings:
         if not c:
             return None
         return cls(rank=int(_required(c, "rank", where)), alpha=float(_required(c, "alpha", where)),
-                   target_modules=tuple(str(t) for t in _required(c, "target_modules", where)),
+                   target_modules=tuple(str(t) for t in _target_modules(c, where)),
                    text_encoder_target_modules=tuple(str(t) for t in _required(c, "text_encoder_target_modules", where)),
                    dropout=float(c.get("dropout") or 0.0), use_dora=bool(c.get("use_dora", False)),
                    rank_pattern=_patterns(c.get("rank_pattern")), alpha_pattern=_patterns(c.get("alpha_pattern")))

@@ -59,12 +59,17 @@ def expand_placeholder(prompt: str, placeholder: str, num_vectors: int = 1) -> s
     return prompt.replace(placeholder, " ".join(token_names(placeholder, num_vectors)))
 
 
-def check_new_token(tokenizer, placeholder: str, initializer: str, num_vectors: int = 1) -> list[int]:
+def check_new_token(tokenizer, placeholder: str, initializer: str, num_vectors: int = 1,
+                    tokenizer_name: str | None = None) -> list[int]:
     """Validate a new placeholder and its initializer against the base tokenizer; the initializer's one id.
 
     The placeholder must be new: an existing word (one token already, e.g. 'dog' -> 'dog</w>') would be
     shadowed wherever it appears, class prompts included. So must the names of its extra vectors.
+    `tokenizer_name` (a family with several text encoders: `tokenizer_2`, SDXL's OpenCLIP or FLUX's T5) is
+    named in the messages, since a word can be one token in one vocabulary and several in the other.
     """
+    vocabulary = f"{tokenizer_name}'s vocabulary" if tokenizer_name else "the tokenizer's vocabulary"
+    where = f" in {tokenizer_name}" if tokenizer_name else ""
     if not placeholder or any(c.isspace() for c in placeholder):
         raise PersonalizeError(
             f"placeholder '{placeholder}' is empty or has spaces: use one new string such as '<my-dog>' with method.identifier"
@@ -73,34 +78,34 @@ def check_new_token(tokenizer, placeholder: str, initializer: str, num_vectors: 
     if placeholder in tokenizer.get_vocab() or len(existing) == 1:
         word = tokenizer.convert_ids_to_tokens(existing)[0] if len(existing) == 1 else placeholder
         raise PersonalizeError(
-            f"placeholder '{placeholder}' is already in the tokenizer's vocabulary (as '{word}'): choose a new "
+            f"placeholder '{placeholder}' is already in {vocabulary} (as '{word}'): choose a new "
             "string such as '<my-dog>' with method.identifier"
         )
     taken = [name for name in token_names(placeholder, num_vectors)[1:] if name in tokenizer.get_vocab()]
     if taken:
         raise PersonalizeError(
             f"placeholder '{placeholder}' with method.new_token.num_vectors={num_vectors} needs the new tokens "
-            f"{', '.join(token_names(placeholder, num_vectors)[1:])}, but {taken[0]} is already in the tokenizer's "
-            "vocabulary: choose another method.identifier"
+            f"{', '.join(token_names(placeholder, num_vectors)[1:])}, but {taken[0]} is already in {vocabulary}: "
+            "choose another method.identifier"
         )
     init_ids = tokenizer.encode(initializer, add_special_tokens=False)
     if len(init_ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(init_ids)
         raise PersonalizeError(
-            f"initializer word '{initializer}' is {len(init_ids)} tokens ({' '.join(pieces)}), not one: "
+            f"initializer word '{initializer}' is {len(init_ids)} tokens{where} ({' '.join(pieces)}), not one: "
             "choose a single-token word (e.g. the last word of the class noun) with method.new_token.initializer"
         )
     return init_ids
 
 
 def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer: str,
-                          num_vectors: int = 1) -> NewTokenEmbedding:
+                          num_vectors: int = 1, tokenizer_name: str | None = None) -> NewTokenEmbedding:
     """Add `placeholder` (and, for several vectors, `<placeholder>_1`...) to the vocabulary, every new row
     initialised from the one-token word `initializer`.
 
     Returns the embedding module now installed in `text_encoder`.
     """
-    init_ids = check_new_token(tokenizer, placeholder, initializer, num_vectors)
+    init_ids = check_new_token(tokenizer, placeholder, initializer, num_vectors, tokenizer_name)
     names = token_names(placeholder, num_vectors)
     if tokenizer.add_tokens(names) != len(names):
         raise PersonalizeError(

@@ -24,7 +24,8 @@ from torch import nn
 
 from personalize.rundir import CONFIG_FILE, CUSTOM_DIFFUSION_FILE, EMBEDS_FILE, LORA_FILE, load_run_config
 from personalize.errors import PersonalizeError
-from personalize.methods.token import NewTokenEmbedding, add_placeholder_token, expand_placeholder, token_names
+from personalize.methods.token import (NewTokenEmbedding, add_placeholder_token, check_new_token, expand_placeholder,
+                                      token_names)
 
 if TYPE_CHECKING:  # the settings import this module (through stages' TRAINABLES): types only
     from personalize.methods.settings import LoraSettings, MethodSettings
@@ -129,15 +130,27 @@ class TextEncoder(Trainable):
         _replace_component(pipe, ckpt_dir, "text_encoder", CLIPTextModel)
 
 
+# A multi-encoder textual-inversion file's keys -> the pipeline's (tokenizer, text encoder) they belong to
+TOKEN_FILE_ENCODERS = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2"),
+                       "t5": ("tokenizer_2", "text_encoder_2")}
+TOKEN_METADATA_KEY = "token"  # the placeholder of a multi-encoder file (its keys name the encoders instead)
+
+
 @register
 class Token(Trainable):
-    """A new placeholder token's embedding rows (their own fp32 parameter; every other row stays bit-identical).
+    """A new placeholder token's embedding rows (their own fp32 parameter; every other row stays bit-identical),
+    in every text encoder of the model (SDXL: both CLIPs; FLUX: CLIP and T5), each row initialised from the
+    initializer word in that encoder's own vocabulary.
 
     `method.new_token.num_vectors: n` (default 1) makes it n tokens, `<id>`, `<id>_1` ... `<id>_{n-1}`
     (stock diffusers' names for the rows of an [n, dim] embedding), each initialised from the initializer
-    word and all trained; prompts name `<id>` alone and reach the text encoder spelled out as the n tokens.
-    Saved as `{<id>: tensor[dim]}` for one vector and `{<id>: tensor[n, dim]}` for several, which stock
-    `load_textual_inversion` loads as the same n tokens."""
+    word and all trained; prompts name `<id>` alone and reach the text encoders spelled out as the n tokens.
+    Saved in the format the family's stock pipeline is given:
+    - one encoder (SD 1.x/2.x): `{<id>: tensor[dim]}` for one vector and `{<id>: tensor[n, dim]}` for several,
+      which stock `load_textual_inversion(dir)` loads as the same n tokens;
+    - several (`Components.embedding_keys`): `{clip_l: tensor[n, dim_1], clip_g | t5: tensor[n, dim_2]}` with the
+      token in the file's metadata (`token`), which loads with one stock `load_textual_inversion(vectors, token=,
+      tokenizer=, text_encoder=)` per encoder (`load_into`; the key names which encoder, TOKEN_FILE_ENCODERS)."""
 
     name = "token"
     encodes_prompt = True
@@ -146,9 +159,16 @@ class Token(Trainable):
     def __init__(self, components, method, identifier):
         super().__init__(components, method, identifier)
         self.num_vectors = method.num_vectors
-        self.embedding = add_placeholder_token(components.tokenizer, components.text_encoder, identifier,
-                                               method.new_token.initializer, self.num_vectors)
-        self.embedding.base.requires_grad_(False)
+        initializer = method.new_token.initializer
+        pairs = components.text_encoders()
+        names = [None] if len(pairs) == 1 else ["tokenizer", "tokenizer_2"]
+        for (tokenizer, _), name in zip(pairs, names):  # every vocabulary checked before any is changed
+            check_new_token(tokenizer, identifier, initializer, self.num_vectors, name)
+        self.embeddings = [add_placeholder_token(tokenizer, encoder, identifier, initializer, self.num_vectors, name)
+                           for (tokenizer, encoder), name in zip(pairs, names)]
+        for embedding in self.embeddings:
+            embedding.base.requires_grad_(False)
+        self.embedding = self.embeddings[0]  # the first (CLIP ViT-L) encoder's
 
     @classmethod
     def attached(cls, method, trained):
@@ -157,7 +177,7 @@ class Token(Trainable):
         return method.new_token is not None  # a token trained in stage 1 is still there in stage 2
 
     def parameters(self):
-        return [self.embedding.new_rows]
+        return [embedding.new_rows for embedding in self.embeddings]
 
     @classmethod
     def owns(cls, param_name):
@@ -167,33 +187,58 @@ class Token(Trainable):
         return expand_placeholder(prompt, self.identifier, self.num_vectors)
 
     def enable_gradient_checkpointing(self):
-        self.components.text_encoder.gradient_checkpointing_enable()
+        for _, encoder in self.components.text_encoders():
+            encoder.gradient_checkpointing_enable()
 
     def save(self, folder):
         from safetensors.torch import save_file
 
-        rows = self.embedding.new_rows.detach().float().cpu()
-        saved = rows[0] if self.num_vectors == 1 else rows  # one vector: [dim], as textual inversion has always saved it
-        save_file({self.identifier: saved.contiguous()}, folder / EMBEDS_FILE)
+        rows = [embedding.new_rows.detach().float().cpu().contiguous() for embedding in self.embeddings]
+        keys = self.components.embedding_keys
+        if keys is None:
+            saved = rows[0][0] if self.num_vectors == 1 else rows[0]  # one vector: [dim], as textual inversion has always saved it
+            save_file({self.identifier: saved.contiguous()}, folder / EMBEDS_FILE)
+        else:
+            save_file(dict(zip(keys, rows)), folder / EMBEDS_FILE, metadata={TOKEN_METADATA_KEY: self.identifier})
         return EMBEDS_FILE
 
     @classmethod
     def load_into(cls, pipe, ckpt_dir):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        if not (ckpt_dir / EMBEDS_FILE).exists():
+        path = ckpt_dir / EMBEDS_FILE
+        if not path.exists():
             return
-        embeds = load_file(ckpt_dir / EMBEDS_FILE)
-        vocab = pipe.tokenizer.get_vocab()
-        if not any(token in vocab for token in embeds):
-            pipe.load_textual_inversion(str(ckpt_dir), weight_name=EMBEDS_FILE)  # the stock path
-        else:  # a later checkpoint of the same run: the tokens exist, so only their rows change
-            table = pipe.text_encoder.get_input_embeddings().weight
-            with torch.no_grad():
-                for token, vectors in embeds.items():
-                    rows = vectors.reshape(-1, vectors.shape[-1])
-                    for name, row in zip(token_names(token, len(rows)), rows):
-                        table[vocab[name]] = row.to(table.dtype)
+        with safe_open(path, "pt") as f:
+            embeds = {key: f.get_tensor(key) for key in f.keys()}
+            token = (f.metadata() or {}).get(TOKEN_METADATA_KEY)
+        if token is None:  # one encoder's file: {token: vectors}
+            ((token, vectors),) = embeds.items()
+            if token not in pipe.tokenizer.get_vocab():
+                pipe.load_textual_inversion(str(ckpt_dir), weight_name=EMBEDS_FILE)  # the stock path
+            else:
+                _write_token_rows(pipe.tokenizer, pipe.text_encoder, token, vectors)
+            return
+        unknown = set(embeds) - set(TOKEN_FILE_ENCODERS)
+        if unknown:
+            raise PersonalizeError(f"{path} has vectors for '{sorted(unknown)[0]}', not for one of the text encoders "
+                                   f"{', '.join(TOKEN_FILE_ENCODERS)}: load it on the model family it was trained on")
+        for key, vectors in embeds.items():
+            tokenizer, encoder = (getattr(pipe, name) for name in TOKEN_FILE_ENCODERS[key])
+            if token not in tokenizer.get_vocab():  # the stock loader, once per encoder
+                pipe.load_textual_inversion(vectors, token=token, tokenizer=tokenizer, text_encoder=encoder)
+            else:
+                _write_token_rows(tokenizer, encoder, token, vectors)
+
+
+def _write_token_rows(tokenizer, text_encoder, token: str, vectors: torch.Tensor) -> None:
+    """A later checkpoint of the same run, whose tokens the pipeline has already: only their rows change."""
+    vocab = tokenizer.get_vocab()
+    table = text_encoder.get_input_embeddings().weight
+    rows = vectors.reshape(-1, vectors.shape[-1])
+    with torch.no_grad():
+        for name, row in zip(token_names(token, len(rows)), rows):
+            table[vocab[name]] = row.to(table.dtype)
 
 
 @register
@@ -364,8 +409,9 @@ class LoraAdapters(Trainable):
 
 @register
 class Lora(LoraAdapters):
-    """LoRA on the UNet (`method.lora.target_modules`; by default the attention projections, as diffusers'
-    examples). Loading a checkpoint loads its whole LoRA file: the text encoder's part too."""
+    """LoRA on the denoiser, SD's UNet or FLUX's transformer (`method.lora.target_modules`; by default the
+    family's, as diffusers' examples: `Backbone.default_lora_targets`, which prepare_run fills in). Loading a
+    checkpoint loads its whole LoRA file: the text encoder's part too."""
 
     name = "lora"
     component = "unet"
