@@ -32,7 +32,8 @@ from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
 from personalize.methods.module import Personalizer
 from personalize.train import fit, prepare_run
-from tests.helpers import assert_step_matches, changed_fraction, fixed_loss, script_adamw_step, snapshot, stock_pipeline
+from tests.helpers import (assert_step_matches, changed_fraction, fixed_loss, record_steps, script_adamw_step, snapshot,
+                           stock_pipeline)
 
 SAMPLE_DOG = PROJECT_ROOT / "data" / "samples" / "dog"
 ORIENTATION = 0x0112
@@ -102,31 +103,8 @@ def script_encode_prompt(text_encoders, tokenizers, prompt: str):
     return torch.concat(embeds, dim=-1), pooled.view(1, -1)
 
 
-def record_steps(monkeypatch) -> list[dict]:
-    """Each training step's batch, denoiser inputs, loss, and the LoRA weights before and gradients after."""
-    steps: list[dict] = []
-    predict, training_step = Personalizer._predict, Personalizer.training_step
-
-    def lora(module):
-        return {n: p for n, p in module.unet.named_parameters() if "lora_" in n}
-
-    def recording_step(self, batch, batch_idx):
-        steps.append({"batch": batch, "before": {n: p.detach().clone() for n, p in lora(self).items()}})
-        loss = training_step(self, batch, batch_idx)
-        steps[-1].update(loss=loss.detach().clone(), grads={n: p.grad.clone() for n, p in lora(self).items()},
-                         after={n: p.detach().clone() for n, p in lora(self).items()})
-        return loss
-
-    def recording_predict(self, latents, draw, conditioning):
-        if torch.is_grad_enabled() and steps and "latents" not in steps[-1]:
-            steps[-1].update(latents=latents.detach().clone(), noise=draw.noise.clone(),
-                             timesteps=draw.timesteps.clone(),
-                             conditioning={k: v.detach().clone() for k, v in conditioning.items()})
-        return predict(self, latents, draw, conditioning)
-
-    monkeypatch.setattr(Personalizer, "training_step", recording_step)
-    monkeypatch.setattr(Personalizer, "_predict", recording_predict)
-    return steps
+def lora_params(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.unet.named_parameters() if "lora_" in n}
 
 
 def test_a_lora_step_equals_train_dreambooth_lora_sdxl(sdxl_cfg, odd_photos, tiny_sdxl_dir, monkeypatch):
@@ -134,7 +112,7 @@ def test_a_lora_step_equals_train_dreambooth_lora_sdxl(sdxl_cfg, odd_photos, tin
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    steps = record_steps(monkeypatch)
+    steps = record_steps(monkeypatch, lora_params)
     cfg = sdxl_cfg("method=lora", *folder_subject(odd_photos), "method.batch_size=4", "method.stages.lora.steps=1",
                    "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=1e-3", "method.lora.alpha=8",
                    "eval=none")
@@ -179,7 +157,7 @@ def test_a_lora_step_equals_train_dreambooth_lora_sdxl(sdxl_cfg, odd_photos, tin
 
 
 def test_random_crops_and_flips_condition_on_the_crop_that_trained(sdxl_cfg, odd_photos, monkeypatch):
-    steps = record_steps(monkeypatch)
+    steps = record_steps(monkeypatch, lora_params)
     crops: list[tuple] = []
     random_crops = Personalizer._random_crops
 
