@@ -51,6 +51,19 @@ def run(command: str, *args: str, outputs: Path, timeout: float = 600, **extra: 
 _SESSION: dict[str, Sweep] = {}
 
 
+def report(sweep: Sweep, experiment: str, *overrides: str) -> tuple[str, Path]:
+    """`personalize-report experiment=<experiment>` over a sweep's outputs: its log and the report folder."""
+    result = run("personalize-report", f"experiment={experiment}", "logger=none", *overrides, outputs=sweep.outputs)
+    assert result.returncode == 0, result.log[-4000:]
+    return result.log, sweep.outputs / "report" / experiment
+
+
+def markdown_row(text: str, name: str) -> list[str]:
+    """The cells (after the name) of the markdown table row named `name` in a report's output."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")[1:]]
+
+
 def smoke_sweep(tmp_path_factory) -> Sweep:
     """`personalize -m experiment=zeng2023_table1_smoke` (basic launcher, W&B offline), once per session."""
     if SMOKE not in _SESSION:

@@ -465,16 +465,6 @@ def smoke(experiment: str, outputs: Path, *overrides: str) -> sweeps.Sweep:
     return sweep
 
 
-def report(sweep: sweeps.Sweep, experiment: str, *overrides: str) -> tuple[str, Path]:
-    result = sweeps.run("personalize-report", f"experiment={experiment}", "logger=none", *overrides,
-                        outputs=sweep.outputs)
-    assert result.returncode == 0, result.log[-4000:]
-    return result.log, sweep.outputs / "report" / experiment
-
-
-def markdown_row(text: str, name: str) -> list[str]:
-    row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
-    return [cell.strip() for cell in row.strip("|").split("|")[1:]]
 
 
 COLUMNS = ("dino", "clip_i", "clip_t")  # the table's, in its order
@@ -501,7 +491,7 @@ def check_rows(experiment: str, outputs: Path, methods: list[str], subjects: lis
 def check_report(sweep: sweeps.Sweep, experiment: str, methods: list[str], subjects: list[str]) -> str:
     """The report's rows are the mean over the subjects of each run's record (the last checkpoint), in the
     table's columns; table.csv holds the same numbers."""
-    out, folder = report(sweep, experiment, f"table.subjects=[{','.join(subjects)}]",
+    out, folder = sweeps.report(sweep, experiment, f"table.subjects=[{','.join(subjects)}]",
                          f"table.methods=[{','.join(methods)}]")
     assert "Setup: the DreamBooth protocol" in out and "## Missing (0 cell(s))" in out
     assert "Each cell: **ours** (no paper values for this table): the mean over" in out  # no paper prints these
@@ -509,7 +499,7 @@ def check_report(sweep: sweeps.Sweep, experiment: str, methods: list[str], subje
     for method in methods:
         records = [read_records(r)[0] for r in sweep.runs if r.name.split("_", 1)[1].rsplit("-", 2)[0] == method]
         expected = {m: sum(r[m] for r in records) / len(records) for m in COLUMNS}
-        assert markdown_row(out, method) == [f"{expected[m]:.3f}" for m in COLUMNS], method
+        assert sweeps.markdown_row(out, method) == [f"{expected[m]:.3f}" for m in COLUMNS], method
         for metric, value in expected.items():
             assert math.isclose(table.ours[(method, metric)], value, abs_tol=1e-9)
     return out

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.backbones.objectives import Draw, FlowMatchingObjective, LossSettings, NoiseSettings
+from personalize.backbones.objectives import Draw, FlowMatchingObjective, LossSettings
 from personalize.config import PROJECT_ROOT, compose
 from personalize.errors import PersonalizeError
 from personalize.train import fit, prepare_run

@@ -32,7 +32,7 @@ from personalize.config import compose
 from personalize.errors import PersonalizeError
 from personalize.methods.token import check_new_token
 from personalize.train import fit, prepare_run
-from tests.helpers import assert_step_matches, record_steps, script_adamw_step, stock_pipeline
+from tests.helpers import assert_step_matches, record_steps, stock_pipeline
 from tests.test_flux import script_encode_prompt as flux_script_encode_prompt
 from tests.test_flux import script_get_sigmas
 from tests.test_sdxl import script_encode_prompt as sdxl_script_encode_prompt

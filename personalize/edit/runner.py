@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image, UnidentifiedImageError
 
