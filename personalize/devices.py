@@ -46,6 +46,7 @@ class HardwareSettings:
     optimizer: str | None = None  # adamw8bit: the stages on adamw run 8-bit AdamW; None: the stages' own
     compile_unet: bool = False
     channels_last: bool = False
+    offload_text_encoders: bool = False  # off the accelerator while a stage uses only cached prompt embeddings
     deterministic: bool = False  # deterministic CUDA kernels
 
     @classmethod
@@ -59,6 +60,7 @@ class HardwareSettings:
             nan_check_every=int(c["nan_check_every"]), gradient_checkpointing=bool(c.get("gradient_checkpointing", False)),
             optimizer=None if c.get("optimizer") is None else str(c["optimizer"]),
             compile_unet=bool(c.get("compile_unet", False)), channels_last=bool(c.get("channels_last", False)),
+            offload_text_encoders=bool(c.get("offload_text_encoders", False)),
             deterministic=bool(c.get("deterministic", False)),
         )
 

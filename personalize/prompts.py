@@ -166,6 +166,11 @@ class ExamplePrompts:
     templates: tuple[str, ...] = ()
     seed: int = 0  # method.data_seed
 
+    def every_prompt(self) -> list[str]:
+        """Every prompt `for_example` can return, each once: the captions, the templates filled, the instance prompt."""
+        filled = [template.format(self.phrase) for template in self.templates]
+        return list(dict.fromkeys([*(c for c in self.captions if c is not None), *filled, self.instance]))
+
     def for_example(self, photo: int, position: int) -> str:
         caption = self.captions[photo] if photo < len(self.captions) else None
         if caption is not None:

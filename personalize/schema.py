@@ -621,6 +621,7 @@ RULES: dict[str, Rule] = {
     "model.unet_sha256": Text(null="unchecked", means="the sha256 of the UNet weights file"),
     "model.vae": Text(null="the pipeline's own VAE", means="a hub id or folder of an AutoencoderKL"),
     "model.resolution": Number(int, 1, means="training image size in pixels"),
+    "model.guidance_scale": GUIDANCE,  # the default of class_images, samples and eval: the stock pipeline's
     "model.tiny": Flag(),
     "model.eval_models.clip": Text(),
     "model.eval_models.dino": Text(),
@@ -638,6 +639,7 @@ RULES: dict[str, Rule] = {
     "hardware.optimizer": Choice(("adamw", "adamw8bit")),
     "hardware.compile_unet": Flag(),
     "hardware.channels_last": Flag(),
+    "hardware.offload_text_encoders": Flag(),
     "hardware.nan_check_every": Number(int, 0, means="steps between loss checks; 0 = only at checkpoints"),
     "hardware.deterministic": Flag(),
 

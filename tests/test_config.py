@@ -92,3 +92,25 @@ def test_subject_config_points_at_its_photos(subject):
 def test_live_subjects_are_the_nine_animals():
     live = {s for s in DREAMBOOTH_SUBJECTS if compose("train", [f"subject={s}"], output_dir="/u").subject.kind == "live"}
     assert live == {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+
+
+@pytest.mark.parametrize("model", ["sd14", "sd15", "sd21_base", "tiny", "sdxl", "tiny_sdxl", "flux_dev", "tiny_flux"])
+def test_sampling_guides_with_the_stock_pipelines_default_unless_set(model):
+    """class_images, samples and eval default to the model's guidance_scale, which is its stock pipeline's own
+    `guidance_scale` default (read from the pipeline's signature here); an explicit setting wins."""
+    import inspect
+
+    import diffusers
+
+    cfg = compose("train", [f"model={model}"], output_dir="/unused")
+    pipeline = getattr(diffusers, backbone_pipeline(cfg.model))
+    stock = inspect.signature(pipeline.__call__).parameters["guidance_scale"].default
+    assert cfg.class_images.guidance_scale == cfg.samples.guidance_scale == cfg.eval.guidance_scale == stock
+    set_ = compose("train", [f"model={model}", "eval.guidance_scale=2.0"], output_dir="/unused")
+    assert (set_.eval.guidance_scale, set_.samples.guidance_scale) == (2.0, stock)
+
+
+def backbone_pipeline(model_cfg) -> str:
+    from personalize.backbones import backbone_for
+
+    return backbone_for(model_cfg).pipeline_class

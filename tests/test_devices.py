@@ -91,3 +91,39 @@ def test_personalize_sample_asks_for_a_missing_gpu_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: device=cuda:0 but no CUDA GPU is available: use device=cpu (or auto)")
+
+
+# ---------------------------------------------------------------- hardware.offload_text_encoders
+def test_offloaded_text_encoders_are_not_asked_again_and_train_the_same(make_cfg, monkeypatch):
+    """A stage that trains nothing of the text encoders (LoRA on tiny FLUX, with the object templates: 27 prompts)
+    encodes every prompt it can draw at its start and moves the encoders off the device (here the CPU already: a
+    hook on each encoder fails the run if it runs again after the move). It trains exactly as without it."""
+    from personalize.methods.module import Personalizer
+    from personalize.train import fit, prepare_run
+
+    overrides = ["model=tiny_flux", "method=lora", "subject=sample_dog", "method.prompt_templates=object",
+                 "method.batch_size=2", "method.stages.lora.steps=3", "method.stages.lora.checkpoint_every=null",
+                 "eval=none"]
+    plain = prepare_run(make_cfg(*overrides, name="plain"))
+    fit(plain, sample=False, evaluate=False)
+
+    moved: list[torch.device] = []
+    place = Personalizer._place_text_encoders
+
+    def refuse(module, args):
+        raise AssertionError(f"{type(module).__name__} ran after it was moved off the device")
+
+    def moving(self, device):
+        moved.append(device)
+        place(self, device)
+        for _, encoder in self.components.text_encoders():
+            encoder.register_forward_pre_hook(refuse)
+
+    monkeypatch.setattr(Personalizer, "_place_text_encoders", moving)
+    offloaded = prepare_run(make_cfg(*overrides, "hardware.offload_text_encoders=true", name="offloaded"))
+    fit(offloaded, sample=False, evaluate=False)
+    module = offloaded.module
+    assert moved == [torch.device("cpu")]  # once, at the stage's start
+    assert set(module._prompt_embeds) == set(module.example_prompts.every_prompt()) and len(module._prompt_embeds) > 20
+    lora = {n: p for n, p in plain.module.unet.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, dict(module.unet.named_parameters())[n]) for n, p in lora.items())

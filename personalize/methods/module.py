@@ -182,6 +182,7 @@ class Personalizer(L.LightningModule):
         if instance_sizes:
             self._sizes["instance"] = list(instance_sizes)
         self._current_stage: Stage | None = None
+        self._text_encoders_device: torch.device | None = None  # where offload_text_encoders put them; None: not moved
 
         if any(s.prior_loss_weight > 0 for s in self.stages) and class_images is None:
             raise PersonalizeError("a stage has prior_loss_weight > 0 but no class images were given")
@@ -306,6 +307,39 @@ class Personalizer(L.LightningModule):
         self._current_stage = stage
         self._prompt_embeds.clear()  # what the earlier stage trained may have changed them
         self._cache_prompts = not encodes_prompt(stage.train)
+        if self._cache_prompts and self.hardware.offload_text_encoders:
+            self._offload_text_encoders(stage)
+
+    def _stage_prompts(self, stage: Stage) -> list[str]:
+        """Every prompt a step of `stage` can encode: each example's (ExamplePrompts), and the class prompt
+        where the stage has a prior loss."""
+        prompts = self.example_prompts.every_prompt()
+        if stage.prior_loss_weight > 0:
+            prompts.append(self.class_prompt)
+        return list(dict.fromkeys(prompts))
+
+    @torch.no_grad()
+    def _offload_text_encoders(self, stage: Stage) -> None:
+        """hardware.offload_text_encoders: encode every prompt the stage can draw now, then move the text encoders
+        to the CPU (FLUX's T5-XXL is ~9.5 GB in bf16); `_encode_prompts` brings them back for anything else. Not
+        under DDP, which broadcasts every module's buffers from one device each step."""
+        if self._ranks()[0] > 1:
+            log.info("hardware.offload_text_encoders: the text encoders stay on the device under DDP (its strategy "
+                     "broadcasts every module's buffers each step)")
+            return
+        for prompt in self._stage_prompts(stage):
+            if prompt not in self._prompt_embeds:
+                self._prompt_embeds[prompt] = self._encode_prompt(prompt)
+        self._place_text_encoders(torch.device("cpu"))
+        log.info("stage '%s': %d prompt embeddings cached, the text encoders moved off %s", stage.name,
+                 len(self._prompt_embeds), self.device)
+
+    def _place_text_encoders(self, device: torch.device) -> None:
+        for _, encoder in self.components.text_encoders():
+            encoder.to(device)
+        self._text_encoders_device = device
+        if device.type == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _encode_prompt(self, prompt: str) -> Conditioning:
         return self._encode_prompts([prompt])
@@ -315,6 +349,8 @@ class Personalizer(L.LightningModule):
         (a multi-vector token's placeholder as its tokens, as the stock pipeline spells it)."""
         for trainable in self.trainables.values():
             prompts = [trainable.prompt_for_encoder(p) for p in prompts]
+        if self._text_encoders_device not in (None, self.device):  # offloaded, and a prompt not cached
+            self._place_text_encoders(self.device)
         return self.backbone.encode_prompt(self.components, prompts, self.device)
 
     def _conditioning(self, prompts: list[str]) -> Conditioning:
@@ -489,7 +525,10 @@ class Personalizer(L.LightningModule):
         latents = self._latents["instance"][0][:1]
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents)
         t = torch.full((1,), self.objective.num_train_timesteps // 2, device=self.device)
-        conditioning = self._encode_prompt(self.instance_prompt) | self._image_conditioning("instance", torch.arange(1))
+        # a stage's cached embedding where it has one: the text encoders may be off the device (offload_text_encoders)
+        prompt = self._prompt_embeds.get(self.instance_prompt) if self._cache_prompts else None
+        prompt = prompt if prompt is not None else self._encode_prompt(self.instance_prompt)
+        conditioning = prompt | self._image_conditioning("instance", torch.arange(1))
         pred, _ = self._predict(latents, Draw(noise, t), conditioning)
         return bool(torch.isfinite(pred).all())
 
