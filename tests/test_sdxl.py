@@ -257,6 +257,38 @@ def test_method_trains_checkpoints_and_loads_in_the_stock_sdxl_pipeline(method, 
         assert len(images) == 25 and {r["num_images"] for r in records} == {25}  # 25 prompts x 1 image (debug preset)
 
 
+def test_lora_on_the_unet_and_both_text_encoders_loads_in_the_stock_sdxl_pipeline(sdxl_cfg, tiny_sdxl_dir):
+    """train_dreambooth_lora_sdxl.py's --train_text_encoder: adapters on both CLIPs, each its own part of the one
+    LoRA file (`text_encoder.`, `text_encoder_2.`), which stock load_lora_weights applies to both encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    run = prepare_run(sdxl_cfg("method=lora", "subject=sample_dog", "method.batch_size=2", "eval=none",
+                               "method.stages.lora.train=[lora,text_encoder_lora]", "method.stages.lora.steps=2",
+                               "method.stages.lora.checkpoint_every=null", "method.stages.lora.lr=2e-2"))
+    module = run.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    fit(run, sample=False, evaluate=False)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p)}
+    assert all("lora_" in n for n in changed)  # everything else bit-identical
+    assert {n.split(".")[0] for n in changed} == {"unet", "text_encoder", "extra_components"}
+    assert any(n.startswith("extra_components.text_encoder_2.") for n in changed)
+
+    (ckpt,) = run.checkpoints()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    prompt = module.instance_prompt
+    with torch.no_grad():
+        base_embeds, _, base_pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        pipe.load_lora_weights(ckpt)  # the three parts, each with its adapter metadata
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        ours = module._encode_prompt(prompt)
+    torch.testing.assert_close(embeds, ours["encoder_hidden_states"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, ours["text_embeds"], rtol=1e-5, atol=1e-6)
+    width = module.text_encoder.config.hidden_size  # the first encoder's share of the concatenated states
+    assert not torch.allclose(embeds[..., :width], base_embeds[..., :width])
+    assert not torch.allclose(embeds[..., width:], base_embeds[..., width:]) and not torch.allclose(pooled, base_pooled)
+    torch.testing.assert_close(sdxl_unet_output(pipe.unet), sdxl_unet_output(module.unet), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- what SDXL refuses, before anything is written
 @pytest.mark.parametrize("overrides", [
     ["method=custom_diffusion"], ["method=dreambooth", "method.stages.unet.train=[unet,text_encoder]"],

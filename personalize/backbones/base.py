@@ -79,6 +79,13 @@ class Components:
     # the family's stock pipelines are given them (SDXL: clip_l, clip_g; FLUX: clip_l, t5); None: one encoder,
     # the classic {token: vectors} file of SD 1.x/2.x
     embedding_keys: ClassVar[tuple[str, ...] | None] = None
+    # the text encoders `text_encoder_lora` adapts, as the family's LoRA script's --train_text_encoder does (SDXL:
+    # both CLIPs; FLUX: CLIP, not T5)
+    lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+
+    def part(self, name: str) -> Any:
+        """A component by its name: one of the fields, or one of `extra`'s (text_encoder_2)."""
+        return getattr(self, name) if name in self.__dataclass_fields__ else self.extra[name]
 
     def folder(self, name: str) -> str:
         """The stock pipeline's name of component `name`: its folder, and its part of a LoRA file."""
@@ -107,6 +114,7 @@ class Backbone:
     tokenizers: ClassVar[tuple[str, ...]]
     tokenizer_2_class: ClassVar[str] = "CLIPTokenizer"  # the transformers class of `tokenizer_2`, where it has one
     folders: ClassVar[dict[str, str]] = {}  # Components name -> the pipeline's, where they differ (Components.folders)
+    components_class: ClassVar[type[Components]] = Components  # what load_components returns (its ClassVars)
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg

@@ -50,6 +50,7 @@ class Flux(Backbone):
                             "ff_context.net.0.proj", "ff_context.net.2")
     supports_editing = False  # joint attention over text and image tokens: no cross-attention maps to swap
     supported_trainables = ("unet", "lora", "token", "text_encoder_lora")  # the LoRA scripts' --train_text_encoder: CLIP
+    components_class = FluxComponents
     networks = {"text_encoder": "model", "text_encoder_2": "model", "transformer": "diffusion_pytorch_model",
                 "vae": "diffusion_pytorch_model"}
     tokenizers = ("tokenizer", "tokenizer_2")

@@ -11,7 +11,8 @@ The objective is SD's DDPM objective on the scheduler SDXL ships (read as a DDPM
 and prediction-type checks are SD's. `model.vae` loads another VAE in place of the pipeline's own (the
 fp16-fix VAE: SDXL's own overflows in float16, so it is kept in float32 where the frozen dtype is float16).
 
-This backbone trains the UNet (`unet`, `lora`) and a new token in both text encoders (`token`: textual
+This backbone trains the UNet (`unet`, `lora`), LoRA on both text encoders (`text_encoder_lora`, the LoRA
+script's --train_text_encoder) and a new token in both text encoders (`token`: textual
 inversion, the two-stage method, pivotal tuning; saved as SDXL embedding files are, `clip_l` and `clip_g`);
 methods that train a text encoder's weights are refused at config time (`supported_trainables`).
 """
@@ -35,6 +36,7 @@ class SDXLComponents(Components):
     """SDXL's parts: `extra` holds the second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`)."""
 
     embedding_keys = ("clip_l", "clip_g")  # a new token's vectors per encoder: the SDXL embedding files' keys
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # train_dreambooth_lora_sdxl.py --train_text_encoder
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -42,7 +44,8 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class = "StableDiffusionXLPipeline"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # as train_dreambooth_lora_sdxl.py
     supports_editing = True  # prompt-to-prompt and null-text inversion: its conditioning is the edit_* methods below
-    supported_trainables = ("unet", "lora", "token")
+    supported_trainables = ("unet", "lora", "token", "text_encoder_lora")  # text_encoder_lora: both CLIPs
+    components_class = SDXLComponents
     networks = {**StableDiffusion.networks, "text_encoder_2": "model"}  # CLIP ViT-L and OpenCLIP ViT-bigG
     tokenizers = ("tokenizer", "tokenizer_2")
 

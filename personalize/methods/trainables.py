@@ -92,10 +92,11 @@ class Trainable:
         return None
 
     @classmethod
-    def check_against(cls, method: MethodSettings, trained: set[str], skeleton) -> None:
+    def check_against(cls, method: MethodSettings, trained: set[str], skeleton, components_class=None) -> None:
         """Its settings that only the model's structure can judge (which modules adapters go on), checked on
         weightless copies of the components (`skeleton(name)`) before anything is written, in a run whose
-        stages train `trained`; one PersonalizeError line. Nothing by default."""
+        stages train `trained` on a family whose loaded parts are a `components_class`; one PersonalizeError
+        line. Nothing by default."""
 
 
 @register
@@ -286,11 +287,17 @@ class LoraAdapters(Trainable):
 
     def __init__(self, components, method, identifier):
         super().__init__(components, method, identifier)
-        model = getattr(components, self.component)
-        self.inject_checked(model, self.settings(method))
-        for name, param in model.named_parameters():
-            if self.owns(name):
-                param.data = param.data.float()  # adapters train in fp32 even on a bf16 base
+        for part in self.adapted(type(components)):
+            model = components.part(part)
+            self.inject_checked(model, self.settings(method), part)
+            for name, param in model.named_parameters():
+                if self.owns(name):
+                    param.data = param.data.float()  # adapters train in fp32 even on a bf16 base
+
+    @classmethod
+    def adapted(cls, components_class) -> tuple[str, ...]:
+        """The components it puts adapters on, each its own part of the LoRA file: its `component`."""
+        return (cls.component,)
 
     # ---------------------------------------------------------------- the adapter
     @classmethod
@@ -336,32 +343,38 @@ class LoraAdapters(Trainable):
         raise NotImplementedError
 
     @classmethod
-    def inject_checked(cls, model, lora: LoraSettings) -> None:
-        """`inject`; a target that names no module, or a module PEFT cannot adapt, is one line."""
-        key = f"method.lora.{cls.targets_key}"
+    def inject_checked(cls, model, lora: LoraSettings, part: str | None = None) -> None:
+        """`inject` on component `part` (default: `component`); a target that names no module, or a module PEFT
+        cannot adapt, is one line."""
+        key, component = f"method.lora.{cls.targets_key}", part or cls.component
         targeted = cls.targeted(model, lora)
         for target in sorted(set(cls.targets(lora))):
             if not any(name == target or name.endswith(f".{target}") for name in targeted):
                 raise PersonalizeError(
-                    f"{key} has '{target}', which names no module of the {cls.component}: name Linear or Conv2d "
+                    f"{key} has '{target}', which names no module of the {component}: name Linear or Conv2d "
                     f"modules (whole names or their ends), e.g. {', '.join(cls.example_targets)}")
         config = cls.lora_config(lora, targeted)
         try:
             cls.inject(model, config)
         except ValueError as error:  # PEFT's: a module it has no LoRA layer for (a norm, an activation)
             raise PersonalizeError(
-                f"{key}={sorted(config.target_modules)}: PEFT cannot adapt these on the {cls.component} "
+                f"{key}={sorted(config.target_modules)}: PEFT cannot adapt these on the {component} "
                 f"({str(error).splitlines()[0]}): name Linear or Conv2d modules, e.g. {', '.join(cls.example_targets)}"
             ) from None
 
     @classmethod
-    def check_against(cls, method, trained, skeleton) -> None:
+    def check_against(cls, method, trained, skeleton, components_class=None) -> None:
+        from personalize.backbones.base import Components  # lazily: the backbones import the methods package
+
+        components_class = components_class or Components
         lora = cls.settings(method)
-        cls.inject_checked(skeleton(cls.component), lora)
+        for part in cls.adapted(components_class):
+            cls.inject_checked(skeleton(part), lora, part)
         adapters = [c for c in TRAINABLES.values() if issubclass(c, LoraAdapters) and c.attached(method, trained)]
         if cls is not adapters[0]:
             return  # the patterns are checked once, against the modules of every LoRA trainable of the run
-        targeted = [name for c in adapters for name in c.targeted(skeleton(c.component), lora)]
+        targeted = [name for c in adapters for part in c.adapted(components_class)
+                    for name in c.targeted(skeleton(part), lora)]
         for setting, patterns in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern)):
             for pattern, value in patterns.items():
                 if not any(_pattern_matches(pattern, name) for name in targeted):
@@ -372,7 +385,8 @@ class LoraAdapters(Trainable):
 
     # ---------------------------------------------------------------- what trains
     def parameters(self):
-        return [p for n, p in getattr(self.components, self.component).named_parameters() if self.owns(n)]
+        return [p for part in self.adapted(type(self.components))
+                for n, p in self.components.part(part).named_parameters() if self.owns(n)]
 
     @classmethod
     def owns(cls, param_name):
@@ -380,8 +394,8 @@ class LoraAdapters(Trainable):
         return "lora_" in param_name and f".{cls.adapter}." in param_name
 
     # ---------------------------------------------------------------- its part of the checkpoint
-    def file_layers(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under the keys of its part of the LoRA file, in fp32.
+    def file_layers(self, part: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors on component `part` under the keys of its part of the LoRA file, in fp32.
 
         PEFT's own names (`<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`), which stock
         `load_lora_weights` reads for every kind of target. diffusers' `convert_state_dict_to_diffusers`
@@ -389,14 +403,14 @@ class LoraAdapters(Trainable):
         the attention adapters of a file that mixes both forms when `proj_in` / `proj_out` are targets too."""
         from peft.utils import get_peft_model_state_dict
 
-        model = getattr(self.components, self.component)
-        layers = get_peft_model_state_dict(model, adapter_name=self.adapter)
+        layers = get_peft_model_state_dict(self.components.part(part), adapter_name=self.adapter)
         return {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
 
     def save(self, folder):
-        config = getattr(self.components, self.component).peft_config[self.adapter]
-        # its part under the stock pipeline's name of the component (FLUX: `transformer.`, which its loader reads)
-        add_to_lora_file(folder, self.components.folder(self.component), self.file_layers(), config.to_dict())
+        for part in self.adapted(type(self.components)):
+            config = self.components.part(part).peft_config[self.adapter]
+            # its part under the stock pipeline's name of the component (FLUX: `transformer.`, which its loader reads)
+            add_to_lora_file(folder, self.components.folder(part), self.file_layers(part), config.to_dict())
         return LORA_FILE
 
     @classmethod
@@ -468,7 +482,9 @@ class Lora(LoraAdapters):
 class TextEncoderLora(LoraAdapters):
     """LoRA on the text encoder (`method.lora.text_encoder_target_modules`; by default its attention
     projections q_proj, k_proj, v_proj, out_proj, as diffusers' examples), in the `text_encoder.` part of
-    the LoRA file with its own adapter metadata; its own lr through the stage's `trainable_lr`.
+    the LoRA file with its own adapter metadata; its own lr through the stage's `trainable_lr`. On the encoders
+    the family's LoRA script adapts (`Components.lora_text_encoders`): SDXL's two CLIPs, each its own part
+    (`text_encoder.`, `text_encoder_2.`), FLUX's CLIP but not T5.
 
     Not with the whole `text_encoder` in one run (that saves the encoder whole, adapters and all). Stock
     `load_lora_weights` loads it through transformers' `load_adapter`, which matches a DoRA magnitude vector
@@ -495,6 +511,10 @@ class TextEncoderLora(LoraAdapters):
         return cls.name in trained
 
     @classmethod
+    def adapted(cls, components_class):
+        return components_class.lora_text_encoders  # SDXL: both CLIPs, as its LoRA script; FLUX: CLIP, not T5
+
+    @classmethod
     def inject(cls, model, config):
         # PEFT itself: transformers 5's own `add_adapter` asks for PEFT >= 0.22, newer than PyPI's 0.21.2
         from peft import inject_adapter_in_model
@@ -503,10 +523,12 @@ class TextEncoderLora(LoraAdapters):
 
     def enable_gradient_checkpointing(self):
         # non-reentrant: the frozen embeddings give the checkpointed layers no input that requires grad
-        self.components.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for part in self.adapted(type(self.components)):
+            self.components.part(part).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def file_layers(self):
-        return {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in super().file_layers().items()}
+    def file_layers(self, part):
+        return {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v
+                for k, v in super().file_layers(part).items()}
 
     @classmethod
     def load_into(cls, pipe, ckpt_dir):
@@ -607,13 +629,15 @@ def add_to_lora_file(folder: Path, component: str, layers: dict[str, torch.Tenso
     """Write one component's part of the checkpoint's LoRA file (its layers and adapter metadata), keeping the
     part another LoRA trainable already wrote into `folder`: the trainables save in either order, and the
     file holds both, through diffusers' own writer."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = folder / LORA_FILE
     parts = read_lora_parts(path) if path.exists() else {}
     parts[component] = (layers, metadata)
-    # the writer whose parts these are: SD's takes unet/text_encoder, FLUX's transformer/text_encoder
-    writer = FluxPipeline if "transformer" in parts else StableDiffusionPipeline
+    # the writer whose parts these are: SD's takes unet/text_encoder, SDXL's also text_encoder_2, FLUX's
+    # transformer/text_encoder
+    writer = (FluxPipeline if "transformer" in parts else
+              StableDiffusionXLPipeline if "text_encoder_2" in parts else StableDiffusionPipeline)
     writer.save_lora_weights(
         folder, safe_serialization=True, **{f"{name}_lora_layers": part[0] for name, part in parts.items()},
         **{f"{name}_lora_adapter_metadata": part[1] for name, part in parts.items()})
@@ -672,10 +696,12 @@ def component_skeleton(model_cfg, component: str) -> nn.Module:
 def check_against_model(method: MethodSettings, model_cfg) -> None:
     """What the method's trainables need of the model (Trainable.check_against), on weightless copies of its
     components: called with the config checks, before anything is written."""
-    trained = method.trained
+    from personalize.backbones import backbone_for
+
+    trained, components_class = method.trained, backbone_for(model_cfg).components_class
     for cls in TRAINABLES.values():
         if cls.attached(method, trained):
-            cls.check_against(method, trained, lambda component: component_skeleton(model_cfg, component))
+            cls.check_against(method, trained, lambda component: component_skeleton(model_cfg, component), components_class)
 
 
 def _replace_component(pipe, ckpt_dir: Path, name: str, model_class) -> None:
