@@ -25,11 +25,26 @@ def isolated_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(isolated_cache) -> Path:
+def _tiny_dir(model: str) -> Path:
+    """Where a tiny model config's model is, built on first use (in the session's isolated cache)."""
     from personalize.models import resolve_pretrained
 
-    return Path(resolve_pretrained(compose("train", ["model=tiny"], output_dir="/unused").model))
+    return Path(resolve_pretrained(compose("train", [f"model={model}"], output_dir="/unused").model))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(isolated_cache) -> Path:
+    return _tiny_dir("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(isolated_cache) -> Path:
+    return _tiny_dir("tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(isolated_cache) -> Path:
+    return _tiny_dir("tiny_flux")
 
 
 @pytest.fixture

@@ -40,13 +40,6 @@ SRC, TGT = "a photo of a dog on the beach", "a photo of a zebra on the beach"  #
 STEPS = 4
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_path(isolated_cache) -> Path:
-    from personalize.models import resolve_pretrained
-
-    return Path(resolve_pretrained(compose("train", ["model=tiny_sdxl"], output_dir="/unused").model))
-
-
 def _load(path: Path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -56,8 +49,8 @@ def _load(path: Path):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sdxl_path):
-    return _load(tiny_sdxl_path)
+def pipe(tiny_sdxl_dir):
+    return _load(tiny_sdxl_dir)
 
 
 def stock_ddim(pipe):
@@ -161,12 +154,12 @@ def test_the_default_size_is_the_unets_native_one(pipe):
     assert native_size(real) == (1024, 1024)
 
 
-def test_a_float16_sdxl_vae_encodes_and_decodes_in_float32(tiny_sdxl_path):
+def test_a_float16_sdxl_vae_encodes_and_decodes_in_float32(tiny_sdxl_dir):
     """SDXL's VAE overflows in float16 (its config says force_upcast): as the stock pipeline, the photo is encoded
     and the latents decoded with the VAE upcast to float32, and the VAE is float16 again afterwards."""
     from personalize.edit.inversion import vae_precision
 
-    pipe = _load(tiny_sdxl_path)
+    pipe = _load(tiny_sdxl_dir)
     photo = Image.open(DOG).convert("RGB")
     pipe.vae.to(torch.float16).to(torch.float32)  # the float16-rounded weights, in float32: the reference
     z0 = encode_image(pipe, photo, 64, 64)
@@ -198,10 +191,10 @@ def test_both_clip_tokenizers_place_every_word_alike(pipe):
     assert "\n" not in str(error.value)
 
 
-def test_a_textual_inversion_token_in_both_encoders_spans_its_vectors(tiny_sdxl_path):
+def test_a_textual_inversion_token_in_both_encoders_spans_its_vectors(tiny_sdxl_dir):
     """SDXL embedding files carry one tensor per encoder (clip_l, clip_g); loaded into each, a two-vector token
     "<rare>" becomes "<rare> <rare>_1" in both tokenizers: one word of two positions, the same in both."""
-    pipe = _load(tiny_sdxl_path)
+    pipe = _load(tiny_sdxl_dir)
     g = torch.Generator().manual_seed(0)
     for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
                                     ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):

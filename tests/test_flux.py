@@ -20,7 +20,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 
 from personalize.backbones.objectives import Draw, FlowMatchingObjective, LossSettings
-from personalize.config import PROJECT_ROOT, compose
+from personalize.config import PROJECT_ROOT
 from personalize.errors import PersonalizeError
 from personalize.train import fit, prepare_run
 from tests.fakehub import FakeHub
@@ -41,13 +40,6 @@ SCRIPT_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.
 # scheduler/scheduler_config.json of FLUX.1-dev
 FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_dir(isolated_cache) -> Path:
-    from personalize.models import resolve_pretrained
-
-    return Path(resolve_pretrained(compose("train", ["model=tiny_flux"], output_dir="/unused").model))
 
 
 @pytest.fixture

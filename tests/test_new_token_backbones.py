@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from personalize.config import compose
 from personalize.errors import PersonalizeError
 from personalize.methods.token import check_new_token
 from personalize.train import fit, prepare_run
@@ -39,11 +38,8 @@ from tests.test_sdxl import script_encode_prompt as sdxl_script_encode_prompt
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(isolated_cache) -> dict[str, Path]:
-    from personalize.models import resolve_pretrained
-
-    return {model: Path(resolve_pretrained(compose("train", [f"model={model}"], output_dir="/unused").model))
-            for model in ("tiny_sdxl", "tiny_flux")}
+def tiny_dirs(tiny_sdxl_dir, tiny_flux_dir) -> dict[str, Path]:
+    return {"tiny_sdxl": tiny_sdxl_dir, "tiny_flux": tiny_flux_dir}
 
 
 def new_rows(module) -> dict[str, torch.nn.Parameter]:

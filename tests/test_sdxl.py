@@ -39,13 +39,6 @@ SAMPLE_DOG = PROJECT_ROOT / "data" / "samples" / "dog"
 ORIENTATION = 0x0112
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_dir(isolated_cache) -> Path:
-    from personalize.models import resolve_pretrained
-
-    return Path(resolve_pretrained(compose("train", ["model=tiny_sdxl"], output_dir="/unused").model))
-
-
 @pytest.fixture
 def sdxl_cfg(make_cfg):
     def _make(*overrides: str, name: str = "run"):

@@ -169,7 +169,11 @@ class Token(Trainable):
                            for (tokenizer, encoder), name in zip(pairs, names)]
         for embedding in self.embeddings:
             embedding.base.requires_grad_(False)
-        self.embedding = self.embeddings[0]  # the first (CLIP ViT-L) encoder's
+
+    @property
+    def embedding(self) -> NewTokenEmbedding:
+        """The first (CLIP ViT-L) encoder's."""
+        return self.embeddings[0]
 
     @classmethod
     def attached(cls, method, trained):
